@@ -1,0 +1,108 @@
+"""PokeSprite configuration: every knob of the model in one place, saved as `config.json`."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# prajjwal1/bert-mini's architecture. A fresh `PokeSpriteConfig()` builds this encoder (randomly initialised) with
+# no download; `PokeSpriteModel.from_text_encoder` swaps in any pretrained BERT's config and weights instead.
+BERT_MINI = {
+    "vocab_size": 30522,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+    "max_position_embeddings": 512,
+}
+
+
+class PokeSpriteConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`PokeSpriteModel`].
+
+    Text encoder (shared by both generator types):
+        text_config (`dict` or `BertConfig`): architecture of the BERT text encoder; bert-mini's by default.
+        model_name (`str`): the pretrained BERT the model was created from (provenance; never downloaded on load).
+        hidden_dim (`int`, 256): width of the token transformer and of the keys/values of every cross-attention.
+        nhead (`int`, 8), num_encoder_layers (`int`, 6): the transformer over BERT's tokens.
+        max_text_length (`int`, 48): captions are padded/truncated to this many tokens.
+        freeze_text_encoder (`bool`, True): keep BERT fixed and train only what sits on top of it.
+
+    Output:
+        image_size (`int`, 64), num_channels (`int`, 4): 4 is RGBA (transparent background), 3 is RGB.
+
+    generator_type (`str`): "decoder" (the original design: one forward pass from noise plus text, trained with
+        L1 + MSE) or "diffusion" (a text-conditioned UNet trained with v-prediction and sampled with DDIM).
+
+    Decoder generator:
+        noise_dim (`int`, 100), text_embedding_dim (`int`, 256), base_channels (`int`, 512): a 4x4 map of
+        `base_channels` is upsampled to `image_size`, halving the channels at each step.
+        cross_attention_resolutions (`list[int]`, [8, 16, 32]): feature-map sizes that cross-attend to the tokens.
+        l1_weight, mse_weight (`float`, 1.0): reconstruction terms.
+        attention_weight (`float`, 0.01): the attention coverage term (see `PokeSpriteModel.attention_loss`).
+
+    Diffusion generator:
+        unet_channels (`list[int]`, [64, 128, 256, 256]): channels at 64/32/16/8 px.
+        unet_layers_per_block (`int`, 1): residual blocks per resolution.
+        unet_attention_resolutions (`list[int]`, [16, 8]): resolutions with self- and cross-attention.
+        num_train_timesteps (`int`, 1000): discrete steps of the cosine noise schedule.
+        text_dropout (`float`, 0.1): fraction of training captions replaced by the empty prompt, which is what
+            makes classifier-free guidance possible.
+        guidance_scale (`float`, 3.0), num_inference_steps (`int`, 25), eta (`float`, 0.0): sampling defaults;
+            eta 0 is deterministic DDIM, 1 adds DDPM-like noise at each step.
+    """
+
+    model_type = "pokesprite"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", init_kwargs=BERT_MINI)}
+
+    generator_type: str = "decoder"
+    # text encoder
+    text_config: dict | PretrainedConfig | None = None
+    model_name: str = "prajjwal1/bert-mini"
+    hidden_dim: int = 256
+    nhead: int = 8
+    num_encoder_layers: int = 6
+    max_text_length: int = 48
+    freeze_text_encoder: bool = True
+    # output
+    image_size: int = 64
+    num_channels: int = 4
+    # decoder generator
+    noise_dim: int = 100
+    text_embedding_dim: int = 256
+    base_channels: int = 512
+    cross_attention_resolutions: list[int] | tuple[int, ...] = (8, 16, 32)
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    attention_weight: float = 0.01
+    # diffusion generator
+    unet_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
+    unet_layers_per_block: int = 1
+    unet_attention_resolutions: list[int] | tuple[int, ...] = (16, 8)
+    num_train_timesteps: int = 1000
+    text_dropout: float = 0.1
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 25
+    eta: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.generator_type not in ("decoder", "diffusion"):
+            raise ValueError(f"generator_type must be 'decoder' or 'diffusion', got {self.generator_type!r}")
+        if self.num_channels not in (3, 4):
+            raise ValueError(f"num_channels must be 3 (RGB) or 4 (RGBA), got {self.num_channels}")
+        if self.hidden_dim % self.nhead:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nhead ({self.nhead})")
+        n_up = (self.image_size // 4).bit_length() - 1
+        if 4 * 2**n_up != self.image_size:
+            raise ValueError(f"image_size must be 4 times a power of two, got {self.image_size}")
+        bad = [r for r in self.cross_attention_resolutions if r not in [4 * 2**i for i in range(n_up)]]
+        if bad:
+            raise ValueError(f"cross_attention_resolutions {bad} are not decoder resolutions below {self.image_size}")
+        # json gives lists back; keep one type so saved and loaded configs compare equal
+        self.cross_attention_resolutions = list(self.cross_attention_resolutions)
+        self.unet_channels = list(self.unet_channels)
+        self.unet_attention_resolutions = list(self.unet_attention_resolutions)
+
+
+__all__ = ["PokeSpriteConfig"]

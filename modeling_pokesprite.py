@@ -1,0 +1,618 @@
+"""PokeSprite: a description goes in, a 64x64 sprite comes out.
+
+One file, read top to bottom: the text encoder both generators share, the original decoder generator, the diffusion
+generator, and `PokeSpriteModel`, which holds one of the two as chosen by `config.generator_type`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_pokesprite import PokeSpriteConfig
+except ImportError:  # imported from a checkout, where the two files are top-level modules rather than a package
+    from configuration_pokesprite import PokeSpriteConfig
+
+
+# helpers
+
+
+def masked_mean(tokens, mask):
+    """Mean over the valid tokens: (B, T, D), (B, T) -> (B, D)."""
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def group_norm(channels):
+    # GroupNorm, not BatchNorm: a sample's output must not depend on the rest of its batch, so one process and
+    # two processes with the same global batch train the same model, and batch-1 generation matches batch 256.
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+def cosine_alpha_sigma(timesteps, num_train_timesteps):
+    """Signal and noise scales of the cosine schedule (Nichol & Dhariwal, 2021) with alpha^2 + sigma^2 = 1.
+
+    Computed on the fly instead of stored as a buffer, so nothing needs re-creating after a meta-device load. The
+    last step is pure noise (zero terminal SNR), which v-prediction handles and which makes sampling start from
+    the same distribution training saw.
+    """
+    u = (timesteps.float() + 1) / num_train_timesteps
+    alpha = torch.cos((u + 0.008) / 1.008 * math.pi / 2).clamp(min=0.0)
+    sigma = (1 - alpha**2).clamp(min=0.0).sqrt()
+    return alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+
+
+# outputs
+
+
+@dataclass
+class PokeSpriteOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor` of shape `()`, returned with `pixel_values`): the weighted training loss.
+    images (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`): sprites in [-1, 1]. With
+        `pixel_values`, the diffusion generator returns its one-step estimate of the clean sprite.
+    l1_loss, mse_loss, attention_loss (`torch.FloatTensor` of shape `()`): the decoder's loss terms, unweighted.
+    diffusion_loss (`torch.FloatTensor` of shape `()`): the diffusion generator's v-prediction MSE.
+    attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): one per cross-attention layer, each of
+        shape `(batch, height * width, text_length)`, averaged over heads; each row sums to 1 over the valid tokens.
+    """
+
+    loss: torch.FloatTensor | None = None
+    images: torch.FloatTensor | None = None
+    l1_loss: torch.FloatTensor | None = None
+    mse_loss: torch.FloatTensor | None = None
+    attention_loss: torch.FloatTensor | None = None
+    diffusion_loss: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# text encoder
+
+
+class PokeSpriteTextEncoder(nn.Module):
+    """BERT, then a transformer over its tokens at `hidden_dim`: the keys and values of every cross-attention."""
+
+    def __init__(self, config):
+        super().__init__()
+        # no pooler: we pool ourselves, and unused parameters would break DDP once BERT is unfrozen
+        self.bert = AutoModel.from_config(config.text_config, add_pooling_layer=False)
+        self.proj = nn.Linear(config.text_config.hidden_size, config.hidden_dim)
+        layer = nn.TransformerEncoderLayer(
+            config.hidden_dim, config.nhead, 4 * config.hidden_dim, dropout=0.1, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, config.num_encoder_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.hidden_dim)
+        self.frozen = config.freeze_text_encoder
+        if self.frozen:
+            self.bert.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:  # a frozen BERT stays in eval mode: its dropout would only add noise to fixed features
+            self.bert.eval()
+        return self
+
+    def forward(self, input_ids, attention_mask):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        tokens = self.transformer(self.proj(hidden), src_key_padding_mask=~attention_mask.bool())
+        return self.norm(tokens)
+
+
+class PokeSpriteCrossAttention(nn.Module):
+    """Each position of a feature map (query) attends to the text tokens (keys, values); added as a residual."""
+
+    def __init__(self, config, channels):
+        super().__init__()
+        self.num_heads = config.nhead
+        self.norm = group_norm(channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(config.hidden_dim, channels)
+        self.to_v = nn.Linear(config.hidden_dim, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x, tokens, mask, need_weights=False):
+        b, c, h, w = x.shape
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, L, C) -> (B, heads, L, C/heads)
+        q = heads(self.to_q(self.norm(x).flatten(2).transpose(1, 2)))
+        k, v = heads(self.to_k(tokens)), heads(self.to_v(tokens))
+        keep = mask[:, None, None, :].bool()
+        if need_weights:  # the explicit form, for the weights; the fused kernel below never materialises them
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            weights = scores.float().masked_fill(~keep, float("-inf")).softmax(-1)
+            out = weights.to(v.dtype) @ v
+            weights = weights.mean(1)
+        else:
+            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=keep), None
+        out = self.to_out(out.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(b, c, h, w)
+        return x + out, weights
+
+
+# decoder generator (the original design)
+
+
+class PokeSpriteUpBlock(nn.Module):
+    """Double the resolution, two convolutions, then cross-attention if this resolution is in the config."""
+
+    def __init__(self, config, in_channels, out_channels, resolution):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        attend = resolution in config.cross_attention_resolutions
+        self.attention = PokeSpriteCrossAttention(config, out_channels) if attend else None
+
+    def forward(self, x, tokens, mask, need_weights):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.silu(self.norm1(self.conv1(x)))
+        x = F.silu(self.norm2(self.conv2(x)))
+        if self.attention is None:
+            return x, None
+        return self.attention(x, tokens, mask, need_weights)
+
+
+class PokeSpriteDecoder(nn.Module):
+    """Noise plus pooled text -> a 4x4 map of `base_channels` -> upsampling blocks -> `image_size` pixels in [-1, 1]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.text_proj = nn.Linear(config.hidden_dim, config.text_embedding_dim)
+        self.fc = nn.Linear(config.noise_dim + config.text_embedding_dim, config.base_channels * 16)
+        blocks, channels, resolution = [], config.base_channels, 4
+        while resolution < config.image_size:
+            resolution *= 2
+            blocks.append(PokeSpriteUpBlock(config, channels, channels // 2, resolution))
+            channels //= 2
+        self.blocks = nn.ModuleList(blocks)
+        self.to_pixels = nn.Conv2d(channels, config.num_channels, 3, padding=1)
+
+    def forward(self, noise, tokens, mask, need_weights=False):
+        text = self.text_proj(masked_mean(tokens, mask))
+        x = self.fc(torch.cat([noise, text], dim=1)).view(-1, self.config.base_channels, 4, 4)
+        attentions = []
+        for block in self.blocks:
+            x, weights = block(x, tokens, mask, need_weights)
+            if weights is not None:
+                attentions.append(weights)
+        return torch.tanh(self.to_pixels(x)), attentions
+
+
+# diffusion generator
+
+
+def timestep_embedding(timesteps, dim):
+    """Sinusoidal features of the (integer) timestep, as in the transformer's position encoding."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=timesteps.device) / (dim // 2))
+    args = timesteps.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class PokeSpriteResBlock(nn.Module):
+    """Two convolutions with a FiLM (scale and shift) from the timestep-plus-text embedding between them."""
+
+    def __init__(self, in_channels, out_channels, embedding_dim):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.film = nn.Linear(embedding_dim, 2 * out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, embedding):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(F.silu(embedding))[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class PokeSpriteAttentionBlock(nn.Module):
+    """Self-attention over the feature map (global shape), then cross-attention to the text tokens."""
+
+    def __init__(self, config, channels):
+        super().__init__()
+        self.num_heads = config.nhead
+        self.norm = group_norm(channels)
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        self.to_out = nn.Linear(channels, channels)
+        self.cross_attention = PokeSpriteCrossAttention(config, channels)
+
+    def forward(self, x, tokens, mask, need_weights):
+        b, c, h, w = x.shape
+        qkv = self.to_qkv(self.norm(x).flatten(2).transpose(1, 2))
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
+        return self.cross_attention(x, tokens, mask, need_weights)
+
+
+
+class PokeSpriteUNetLevel(nn.Module):
+    """One resolution of the UNet: residual blocks (with attention where the config asks) and a resampler."""
+
+    def __init__(self, config, block_in_channels, out_channels, resolution, resample=None):
+        super().__init__()
+        embedding_dim = 4 * config.unet_channels[0]
+        self.resnets = nn.ModuleList(PokeSpriteResBlock(c, out_channels, embedding_dim) for c in block_in_channels)
+        attend = resolution in config.unet_attention_resolutions
+        self.attentions = (
+            nn.ModuleList(PokeSpriteAttentionBlock(config, out_channels) for _ in block_in_channels) if attend else None
+        )
+        self.resample = resample
+
+
+class PokeSpriteUNet(nn.Module):
+    """A DDPM-style UNet that predicts v from a noisy sprite, its timestep and the text.
+
+    The down path keeps every block's output as a skip connection; the up path has one block more per resolution
+    and each takes one skip back. The timestep and the pooled text enter every residual block through FiLM, the
+    tokens through cross-attention at `unet_attention_resolutions`.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        channels, n = config.unet_channels, config.unet_layers_per_block
+        self.base = channels[0]
+        embedding_dim = 4 * self.base
+        self.time_mlp = nn.Sequential(nn.Linear(self.base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+        self.text_mlp = nn.Linear(config.hidden_dim, embedding_dim)
+        self.conv_in = nn.Conv2d(config.num_channels, self.base, 3, padding=1)
+
+        self.down, skips, ch = nn.ModuleList(), [self.base], self.base
+        for level, out_ch in enumerate(channels):
+            last = level == len(channels) - 1
+            downsample = None if last else nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1)
+            self.down.append(PokeSpriteUNetLevel(config, [ch] + [out_ch] * (n - 1), out_ch, config.image_size >> level, downsample))
+            skips += [out_ch] * (n if last else n + 1)
+            ch = out_ch
+
+        self.mid_resnet1 = PokeSpriteResBlock(ch, ch, embedding_dim)
+        self.mid_attention = PokeSpriteAttentionBlock(config, ch)
+        self.mid_resnet2 = PokeSpriteResBlock(ch, ch, embedding_dim)
+
+        self.up = nn.ModuleList()
+        for level, out_ch in reversed(list(enumerate(channels))):
+            block_in = []
+            for _ in range(n + 1):
+                block_in.append(ch + skips.pop())
+                ch = out_ch
+            upsample = nn.Upsample(scale_factor=2.0, mode="nearest") if level > 0 else None
+            self.up.append(PokeSpriteUNetLevel(config, block_in, out_ch, config.image_size >> level, upsample))
+
+        self.norm_out = group_norm(self.base)
+        self.conv_out = nn.Conv2d(self.base, config.num_channels, 3, padding=1)
+
+    def forward(self, x, timesteps, tokens, mask, need_weights=False):
+        embedding = self.time_mlp(timestep_embedding(timesteps, self.base)) + self.text_mlp(masked_mean(tokens, mask))
+        attentions = []
+
+        def block(level, i, h):
+            h = level.resnets[i](h, embedding)
+            if level.attentions is None:
+                return h
+            h, weights = level.attentions[i](h, tokens, mask, need_weights)
+            if need_weights:
+                attentions.append(weights)
+            return h
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for i in range(len(level.resnets)):
+                h = block(level, i, h)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_resnet1(h, embedding)
+        h, weights = self.mid_attention(h, tokens, mask, need_weights)
+        if need_weights:
+            attentions.append(weights)
+        h = self.mid_resnet2(h, embedding)
+
+        for level in self.up:
+            for i in range(len(level.resnets)):
+                h = block(level, i, torch.cat([h, skips.pop()], dim=1))
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h))), attentions
+
+
+# model
+
+
+class PokeSpriteModel(PreTrainedModel):
+    """Text to sprite. `config.generator_type` picks the generator on top of the shared text encoder:
+
+    - "decoder", the original design: a CNN decoder maps noise plus text to a sprite in one pass, trained with
+      L1 + MSE reconstruction plus the attention coverage term.
+    - "diffusion": a UNet denoises pure noise into a sprite in `num_inference_steps` DDIM steps, with
+      classifier-free guidance; trained with the v-prediction objective.
+    """
+
+    config_class = PokeSpriteConfig
+    base_model_prefix = "pokesprite"
+    main_input_name = "input_ids"
+    _no_split_modules = ["PokeSpriteUpBlock", "PokeSpriteResBlock", "PokeSpriteAttentionBlock"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.text_encoder = PokeSpriteTextEncoder(config)
+        if config.generator_type == "decoder":
+            self.decoder = PokeSpriteDecoder(config)
+        else:
+            self.unet = PokeSpriteUNet(config)
+            # the "empty prompt": one learned token that replaces a dropped caption, and the unconditional branch
+            # of classifier-free guidance at generation
+            self.null_tokens = nn.Parameter(torch.zeros(1, 1, config.hidden_dim))
+        self._tokenizer = None
+        self.post_init()
+
+    def _init_weights(self, module):
+        # torch.nn.init calls here are guarded by transformers: weights loaded from a checkpoint are left alone.
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+        elif isinstance(module, PokeSpriteUNet):
+            # children are initialised first, so this runs last: a zero output layer makes the untrained UNet
+            # predict v = 0, a calm start for the diffusion loss
+            nn.init.zeros_(module.conv_out.weight)
+            nn.init.zeros_(module.conv_out.bias)
+        elif isinstance(module, PokeSpriteModel) and module.config.generator_type == "diffusion":
+            nn.init.normal_(module.null_tokens, std=self.config.initializer_range)
+
+    @classmethod
+    def from_text_encoder(cls, name_or_path, **config_kwargs):
+        """A new model for training, whose BERT starts from the pretrained `name_or_path` (a Hub id or a folder).
+
+        This is the only place a pretrained BERT is downloaded: its config is copied into `PokeSpriteConfig`, so
+        a saved PokeSprite model rebuilds the encoder from `config.json` and loads every weight from its own file.
+        """
+        bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+        config = PokeSpriteConfig(text_config=bert.config.to_dict(), model_name=str(name_or_path), **config_kwargs)
+        model = cls(config)
+        model.text_encoder.bert.load_state_dict(bert.state_dict())
+        model._tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return model
+
+    # loss terms
+
+    @staticmethod
+    def attention_loss(attentions, mask):
+        """Attention coverage: every word of the caption should be looked at somewhere in the sprite.
+
+        For each cross-attention layer, a token's coverage is the attention it receives summed over all positions,
+        scaled so that an even share among the valid tokens is 1. The term is the mean of (1 - coverage)^2 over
+        valid tokens: the "doubly stochastic" regulariser of Show, Attend and Tell (Xu et al., 2015), applied over
+        space instead of time. It keeps the decoder from routing all attention to one token ([CLS], say) and
+        ignoring the rest of the description, while each position remains free to attend sharply.
+        """
+        valid = mask.float()
+        n_valid = valid.sum(1)
+        terms = []
+        for weights in attentions:  # (B, HW, T)
+            coverage = weights.float().mean(1) * n_valid[:, None]
+            terms.append((((1 - coverage) ** 2) * valid).sum(1) / n_valid)
+        return torch.stack(terms).mean()
+
+    # forward
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        noise=None,
+        pixel_values=None,
+        timesteps=None,
+        output_attentions=False,
+        generator=None,
+        return_dict=True,
+    ):
+        r"""
+        input_ids, attention_mask (`torch.LongTensor` of shape `(batch, text_length)`): the tokenised captions.
+        noise (`torch.FloatTensor`, *optional*): the randomness of the sprite. Decoder: `(batch, noise_dim)`.
+            Diffusion: the starting noise `(batch, num_channels, image_size, image_size)`; with `pixel_values`, the
+            noise added to them. Drawn from the global RNG when not given.
+        pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`, in [-1, 1]): the
+            target sprites. When given, the output holds the training loss and its terms.
+        timesteps (`torch.LongTensor` of shape `(batch,)`, diffusion only): the noise level of each training sample;
+            drawn at random when not given (fix it, with `noise`, for a deterministic validation loss).
+        generator (`torch.Generator`, diffusion sampling only): the randomness of the DDIM steps when `eta > 0`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool()
+        tokens = self.text_encoder(input_ids, attention_mask)
+        if self.config.generator_type == "decoder":
+            output = self._decoder_forward(tokens, mask, noise, pixel_values, output_attentions)
+        elif pixel_values is not None:
+            output = self._diffusion_loss(tokens, mask, pixel_values, noise, timesteps, output_attentions)
+        else:
+            output = self._sample(tokens, mask, noise, generator, output_attentions=output_attentions)
+        return output if return_dict else output.to_tuple()
+
+    def _decoder_forward(self, tokens, mask, noise, pixel_values, output_attentions):
+        if noise is None:
+            noise = torch.randn(tokens.shape[0], self.config.noise_dim, device=tokens.device, dtype=tokens.dtype)
+        regularise = pixel_values is not None and self.config.attention_weight > 0
+        images, attentions = self.decoder(noise, tokens, mask, need_weights=output_attentions or regularise)
+        output = PokeSpriteOutput(images=images, attentions=tuple(attentions) if output_attentions else None)
+        if pixel_values is not None:
+            images = images.float()
+            output.l1_loss = F.l1_loss(images, pixel_values)
+            output.mse_loss = F.mse_loss(images, pixel_values)
+            output.attention_loss = self.attention_loss(attentions, mask) if regularise else images.new_zeros(())
+            c = self.config
+            output.loss = c.l1_weight * output.l1_loss + c.mse_weight * output.mse_loss + c.attention_weight * output.attention_loss
+        return output
+
+    def _null_text(self, tokens, mask):
+        """The empty prompt, shaped like a batch of captions: the learned null token, then padding."""
+        null_tokens = self.null_tokens.to(tokens.dtype).expand(tokens.shape[0], tokens.shape[1], -1)
+        null_mask = torch.zeros_like(mask)
+        null_mask[:, 0] = True
+        return null_tokens, null_mask
+
+    def _diffusion_loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions):
+        b = pixel_values.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.config.num_train_timesteps, (b,), device=pixel_values.device)
+        if noise is None:
+            noise = torch.randn_like(pixel_values)
+        if self.training and self.config.text_dropout > 0:
+            drop = torch.rand(b, device=tokens.device) < self.config.text_dropout
+            null_tokens, null_mask = self._null_text(tokens, mask)
+            tokens = torch.where(drop[:, None, None], null_tokens, tokens)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        alpha, sigma = cosine_alpha_sigma(timesteps, self.config.num_train_timesteps)
+        noisy = alpha * pixel_values + sigma * noise
+        v, attentions = self.unet(noisy.to(tokens.dtype), timesteps, tokens, mask, need_weights=output_attentions)
+        v = v.float()
+        # v-prediction (Salimans & Ho, 2022): a target of the same scale at every noise level
+        loss = F.mse_loss(v, alpha * noise - sigma * pixel_values)
+        images = (alpha * noisy - sigma * v).clamp(-1, 1)
+        return PokeSpriteOutput(
+            loss=loss, diffusion_loss=loss, images=images, attentions=tuple(attentions) if output_attentions else None
+        )
+
+    def _sample(self, tokens, mask, noise, generator=None, guidance_scale=None, num_inference_steps=None, eta=None,
+                output_attentions=False):
+        """DDIM (Song et al., 2021) with classifier-free guidance (Ho & Salimans, 2022).
+
+        Cross-attention weights are averaged over the steps, for the conditional branch only.
+        """
+        c = self.config
+        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
+        eta = c.eta if eta is None else eta
+        b = tokens.shape[0]
+        shape = (b, c.num_channels, c.image_size, c.image_size)
+        x = torch.randn(shape, device=tokens.device) if noise is None else noise.float()
+        guided = guidance_scale != 1.0
+        if guided:  # one UNet call for both branches: the captions, then the empty prompt
+            null_tokens, null_mask = self._null_text(tokens, mask)
+            tokens, mask = torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask])
+        times = torch.linspace(c.num_train_timesteps - 1, 0, steps + 1, device=x.device).round().long()
+        attention_sums = None
+        for i in range(steps):
+            t = times[i].expand(b)
+            alpha, sigma = cosine_alpha_sigma(t, c.num_train_timesteps)
+            x_in = torch.cat([x, x]) if guided else x
+            v, attentions = self.unet(x_in.to(tokens.dtype), times[i].expand(x_in.shape[0]), tokens, mask, output_attentions)
+            v = v.float()
+            if guided:
+                v_text, v_null = v.chunk(2)
+                v = v_null + guidance_scale * (v_text - v_null)
+            x0 = (alpha * x - sigma * v).clamp(-1, 1)
+            eps = (x - alpha * x0) / sigma
+            if output_attentions:
+                attentions = [a[:b].float() / steps for a in attentions]
+                attention_sums = attentions if attention_sums is None else [s + a for s, a in zip(attention_sums, attentions)]
+            if i == steps - 1:
+                x = x0
+                break
+            alpha_next, sigma_next = cosine_alpha_sigma(times[i + 1].expand(b), c.num_train_timesteps)
+            # eta = 0: deterministic DDIM; eta = 1: the DDPM posterior's noise level
+            noise_scale = eta * (sigma_next / sigma) * (1 - (alpha / alpha_next) ** 2).clamp(min=0).sqrt()
+            x = alpha_next * x0 + (sigma_next**2 - noise_scale**2).clamp(min=0).sqrt() * eps
+            if eta > 0:
+                z = torch.randn(shape, generator=generator, device=generator.device if generator else x.device)
+                x = x + noise_scale * z.to(x.device)
+        return PokeSpriteOutput(images=x, attentions=tuple(attention_sums) if output_attentions else None)
+
+    # generation
+
+    @property
+    def tokenizer(self):
+        """The tokenizer saved next to the model (or of the BERT it was created from), loaded on first use."""
+        if self._tokenizer is None:
+            # trust_remote_code: AutoTokenizer reads config.json, whose auto_map points at this very file
+            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=True)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def tokenize(self, prompts):
+        """Captions -> padded `input_ids` and `attention_mask` of `max_text_length`, on the model's device."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.config.max_text_length, return_tensors="pt"
+        )
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def make_noise(self, batch_size, generator=None):
+        """Starting randomness for `batch_size` sprites, drawn on the generator's device, so a seed gives the same
+        sprites on any device the model runs on."""
+        c = self.config
+        shape = (batch_size, c.noise_dim) if c.generator_type == "decoder" else (batch_size, c.num_channels, c.image_size, c.image_size)
+        device = generator.device if generator is not None else self.device
+        return torch.randn(shape, generator=generator, device=device).to(self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts=None,
+        input_ids=None,
+        attention_mask=None,
+        num_images_per_prompt=1,
+        generator=None,
+        guidance_scale=None,
+        num_inference_steps=None,
+        eta=None,
+        output_type="pt",
+    ):
+        """Sprites for `prompts` (strings) or for already tokenised `input_ids`.
+
+        Returns a `(batch * num_images_per_prompt, num_channels, image_size, image_size)` tensor in [0, 1], or a list
+        of PIL images (RGBA when the model has alpha) with `output_type="pil"`. Sprites of one prompt are adjacent.
+        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps` and `eta` apply to
+        the diffusion generator and default to the config's.
+        """
+        if prompts is not None:
+            input_ids, attention_mask = self.tokenize(prompts)
+        if input_ids is None:
+            raise ValueError("generate() needs `prompts` or `input_ids`")
+        input_ids = input_ids.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).repeat_interleave(num_images_per_prompt, dim=0))
+        noise = self.make_noise(input_ids.shape[0], generator)
+        tokens = self.text_encoder(input_ids, attention_mask)
+        if self.config.generator_type == "decoder":
+            images, _ = self.decoder(noise.to(tokens.dtype), tokens, attention_mask.bool())
+        else:
+            images = self._sample(tokens, attention_mask.bool(), noise, generator, guidance_scale, num_inference_steps, eta).images
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        return images if output_type == "pt" else to_pil(images)
+
+
+def to_pil(images):
+    """(B, C, H, W) in [0, 1] -> PIL images, RGBA for four channels."""
+    from PIL import Image
+
+    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGBA" if a.shape[-1] == 4 else "RGB") for a in arrays]
+
+
+# save_pretrained writes `auto_map` into config.json and copies both .py files next to the weights, so
+# AutoModel.from_pretrained(..., trust_remote_code=True) can rebuild the model from the folder or the Hub alone
+PokeSpriteConfig.register_for_auto_class()
+PokeSpriteModel.register_for_auto_class("AutoModel")
+
+__all__ = ["PokeSpriteModel", "PokeSpriteOutput"]
