@@ -58,6 +58,7 @@ class PokeSpriteOutput(ModelOutput):
         `pixel_values`, the diffusion generator returns its one-step estimate of the clean sprite.
     l1_loss, mse_loss, attention_loss (`torch.FloatTensor` of shape `()`): the decoder's loss terms, unweighted.
     diffusion_loss (`torch.FloatTensor` of shape `()`): the diffusion generator's v-prediction MSE.
+    loss_per_sample (`torch.FloatTensor` of shape `(batch,)`): the weighted loss of each sample; `loss` is its mean.
     attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): one per cross-attention layer, each of
         shape `(batch, height * width, text_length)`, averaged over heads; each row sums to 1 over the valid tokens.
     """
@@ -68,6 +69,7 @@ class PokeSpriteOutput(ModelOutput):
     mse_loss: torch.FloatTensor | None = None
     attention_loss: torch.FloatTensor | None = None
     diffusion_loss: torch.FloatTensor | None = None
+    loss_per_sample: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -98,9 +100,14 @@ class PokeSpriteTextEncoder(nn.Module):
             self.bert.eval()
         return self
 
-    def forward(self, input_ids, attention_mask):
+    def bert_hidden_states(self, input_ids, attention_mask):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, bert_hidden_states=None):
+        hidden = bert_hidden_states
+        if hidden is None:
+            hidden = self.bert_hidden_states(input_ids, attention_mask)
         tokens = self.transformer(self.proj(hidden), src_key_padding_mask=~attention_mask.bool())
         return self.norm(tokens)
 
@@ -402,6 +409,8 @@ class PokeSpriteModel(PreTrainedModel):
         valid tokens: the "doubly stochastic" regulariser of Show, Attend and Tell (Xu et al., 2015), applied over
         space instead of time. It keeps the decoder from routing all attention to one token ([CLS], say) and
         ignoring the rest of the description, while each position remains free to attend sharply.
+
+        Returns one value per sample, shape `(batch,)`.
         """
         valid = mask.float()
         n_valid = valid.sum(1)
@@ -409,7 +418,7 @@ class PokeSpriteModel(PreTrainedModel):
         for weights in attentions:  # (B, HW, T)
             coverage = weights.float().mean(1) * n_valid[:, None]
             terms.append((((1 - coverage) ** 2) * valid).sum(1) / n_valid)
-        return torch.stack(terms).mean()
+        return torch.stack(terms).mean(0)
 
     # forward
 
@@ -422,6 +431,7 @@ class PokeSpriteModel(PreTrainedModel):
         timesteps=None,
         output_attentions=False,
         generator=None,
+        bert_hidden_states=None,
         return_dict=True,
     ):
         r"""
@@ -434,11 +444,14 @@ class PokeSpriteModel(PreTrainedModel):
         timesteps (`torch.LongTensor` of shape `(batch,)`, diffusion only): the noise level of each training sample;
             drawn at random when not given (fix it, with `noise`, for a deterministic validation loss).
         generator (`torch.Generator`, diffusion sampling only): the randomness of the DDIM steps when `eta > 0`.
+        bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
+            output for `input_ids`, computed once in advance. A frozen BERT gives the same features every epoch, so
+            the trainer caches them instead of running BERT at every step.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()
-        tokens = self.text_encoder(input_ids, attention_mask)
+        tokens = self.text_encoder(input_ids, attention_mask, bert_hidden_states)
         if self.config.generator_type == "decoder":
             output = self._decoder_forward(tokens, mask, noise, pixel_values, output_attentions)
         elif pixel_values is not None:
@@ -454,12 +467,13 @@ class PokeSpriteModel(PreTrainedModel):
         images, attentions = self.decoder(noise, tokens, mask, need_weights=output_attentions or regularise)
         output = PokeSpriteOutput(images=images, attentions=tuple(attentions) if output_attentions else None)
         if pixel_values is not None:
-            images = images.float()
-            output.l1_loss = F.l1_loss(images, pixel_values)
-            output.mse_loss = F.mse_loss(images, pixel_values)
-            output.attention_loss = self.attention_loss(attentions, mask) if regularise else images.new_zeros(())
+            error = images.float() - pixel_values
+            l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
+            attention = self.attention_loss(attentions, mask) if regularise else torch.zeros_like(l1)
             c = self.config
-            output.loss = c.l1_weight * output.l1_loss + c.mse_weight * output.mse_loss + c.attention_weight * output.attention_loss
+            output.loss_per_sample = c.l1_weight * l1 + c.mse_weight * mse + c.attention_weight * attention
+            output.loss = output.loss_per_sample.mean()
+            output.l1_loss, output.mse_loss, output.attention_loss = l1.mean(), mse.mean(), attention.mean()
         return output
 
     def _null_text(self, tokens, mask):
@@ -485,10 +499,12 @@ class PokeSpriteModel(PreTrainedModel):
         v, attentions = self.unet(noisy.to(tokens.dtype), timesteps, tokens, mask, need_weights=output_attentions)
         v = v.float()
         # v-prediction (Salimans & Ho, 2022): a target of the same scale at every noise level
-        loss = F.mse_loss(v, alpha * noise - sigma * pixel_values)
+        loss_per_sample = (v - (alpha * noise - sigma * pixel_values)).pow(2).mean((1, 2, 3))
+        loss = loss_per_sample.mean()
         images = (alpha * noisy - sigma * v).clamp(-1, 1)
         return PokeSpriteOutput(
-            loss=loss, diffusion_loss=loss, images=images, attentions=tuple(attentions) if output_attentions else None
+            loss=loss, diffusion_loss=loss, loss_per_sample=loss_per_sample, images=images,
+            attentions=tuple(attentions) if output_attentions else None,
         )
 
     def _sample(self, tokens, mask, noise, generator=None, guidance_scale=None, num_inference_steps=None, eta=None,
