@@ -1,0 +1,715 @@
+#!/usr/bin/env python
+"""Train a PokeSprite model with 🤗 Accelerate, from a prepared dataset to a saved, documented model.
+
+    accelerate launch train_accelerate.py --config config/train_config.yaml --dataset data/pokesprite
+
+The same script runs on a CPU, one GPU or many (`accelerate config`). The YAML holds every setting; the flags
+override the common ones. `python train_accelerate.py --help` lists them.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from huggingface_hub import HfApi, ModelCardData
+from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+from PIL import Image
+from transformers import AutoConfig, AutoTokenizer, get_scheduler
+
+from attention_maps import attention_figure, attention_for_prompt, sprite_grid
+from configuration_pokesprite import PokeSpriteConfig
+from modeling_pokesprite import PokeSpriteModel
+
+logger = get_logger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).parent / "config" / "train_config.yaml"
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without it is partial
+# what --push_to_hub leaves out of output_dir: training state and logs, not the model
+PUSH_IGNORE_PATTERNS = ["checkpoint-*/**", ".tmp-*/**", "logs/**", "wandb/**", "samples/**", "*.tmp"]
+
+# flag -> key of the YAML it overrides; a flag given on the command line wins over the file
+OVERRIDES = {
+    "dataset": "data.dataset",
+    "output_dir": "output.output_dir",
+    "report_to": "output.report_to",
+    "experiment_name": "output.experiment_name",
+    "push_to_hub": "output.push_to_hub",
+    "hub_model_id": "output.hub_model_id",
+    "generator_type": "model.generator_type",
+    "text_encoder": "model.text_encoder.name",
+    "num_epochs": "training.num_epochs",
+    "max_train_steps": "training.max_train_steps",
+    "train_batch_size": "training.train_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "learning_rate": "training.learning_rate",
+    "lr_scheduler": "training.lr_scheduler",
+    "lr_warmup_steps": "training.lr_warmup_steps",
+    "mixed_precision": "training.mixed_precision",
+    "seed": "training.seed",
+    "ema_decay": "training.ema_decay",
+    "checkpointing_steps": "training.checkpointing_steps",
+    "checkpoints_total_limit": "training.checkpoints_total_limit",
+    "validation_steps": "training.validation_steps",
+    "l1_weight": "training.loss.l1_weight",
+    "mse_weight": "training.loss.mse_weight",
+    "attention_weight": "training.loss.attention_weight",
+}
+
+
+class PreflightError(Exception):
+    """A problem found before training starts; its message is the one line the user sees."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML with model.*, training.*, data.*, output.*")
+    parser.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint in output_dir) or a checkpoint folder")
+    parser.add_argument("--data-stats", "--data_stats", dest="data_stats", action="store_true", help="print dataset statistics and exit")
+    parser.add_argument("--use-wandb", "--use_wandb", dest="use_wandb", action="store_true", help="also log to Weights & Biases")
+    parser.add_argument("--experiment-name", "--experiment_name", dest="experiment_name", help="tracker project and run name")
+    parser.add_argument("--dataset", help="prepare_dataset.py output folder or Hub dataset id")
+    parser.add_argument("--output_dir", help="where checkpoints, logs, samples and the final model go")
+    parser.add_argument("--generator_type", choices=["decoder", "diffusion"])
+    parser.add_argument("--text_encoder", help="BERT to start from: Hub id or local folder")
+    parser.add_argument("--num_epochs", type=int)
+    parser.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_epochs")
+    parser.add_argument("--train_batch_size", type=int, help="batch size per process")
+    parser.add_argument("--gradient_accumulation_steps", type=int)
+    parser.add_argument("--learning_rate", type=float)
+    parser.add_argument("--lr_scheduler", help="a transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...")
+    parser.add_argument("--lr_warmup_steps", type=int)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--ema_decay", type=float, help="0 turns the exponential moving average off")
+    parser.add_argument("--checkpointing_steps", type=int)
+    parser.add_argument("--checkpoints_total_limit", type=int)
+    parser.add_argument("--validation_steps", type=int)
+    parser.add_argument("--l1_weight", type=float)
+    parser.add_argument("--mse_weight", type=float)
+    parser.add_argument("--attention_weight", type=float)
+    parser.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"])
+    parser.add_argument("--push_to_hub", action="store_true", default=None, help="upload the final model with HfApi")
+    parser.add_argument("--hub_model_id", help="defaults to <your user>/<output_dir name>")
+    parser.add_argument("--hub_private", action="store_true")
+    parser.add_argument("--eval_metrics", action="store_true", help="compute the metrics/ modules at each validation, not only at the end")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; first steps are slow)")
+    parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for the convolutions")
+    return parser.parse_args(argv)
+
+
+def load_config(args):
+    """The YAML, with every flag that was given written over its key."""
+    path = Path(args.config)
+    if not path.is_file():
+        raise PreflightError(f"config file {path} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PreflightError(f"config file {path} is not valid YAML: {e}".splitlines()[0])
+    for flag, key in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            *parents, leaf = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    if args.use_wandb:
+        cfg["output"]["report_to"] = "all" if cfg["output"].get("report_to") == "tensorboard" else "wandb"
+    return cfg
+
+
+def model_kwargs(cfg):
+    """The YAML's model section (and the loss weights) as PokeSpriteConfig arguments."""
+    model, text = cfg["model"], cfg["model"]["text_encoder"]
+    kwargs = dict(
+        generator_type=model["generator_type"],
+        image_size=model["image_size"],
+        num_channels=model["num_channels"],
+        hidden_dim=text["hidden_dim"],
+        nhead=text["nhead"],
+        num_encoder_layers=text["num_encoder_layers"],
+        max_text_length=text["max_text_length"],
+        freeze_text_encoder=text["freeze"],
+    )
+    kwargs.update(model["decoder"])
+    kwargs.update(model["diffusion"])
+    kwargs.update(cfg["training"]["loss"])
+    return kwargs
+
+
+def flat_config(cfg, prefix=""):
+    """Tracker hyperparameters: flat keys and scalar values (TensorBoard's hparams accept nothing else)."""
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+# data
+
+
+def load_splits(name):
+    """A prepared DatasetDict from a folder (`load_from_disk`) or the Hub (`load_dataset`)."""
+    from datasets import load_dataset, load_from_disk
+
+    hint = (
+        f"Make one with: python prepare_dataset.py --csv data/pokemon.csv --images data/small_images --output {name}"
+        f" (or --synthetic 512 --output {name} for a quick start)"
+    )
+    if Path(name).exists():
+        try:
+            splits = load_from_disk(name)
+        except FileNotFoundError:
+            raise PreflightError(f"dataset folder {name} is not a prepared dataset. {hint}")
+    else:
+        try:
+            splits = load_dataset(name)
+        except Exception as e:  # the Hub's errors vary by cause; all mean "no such dataset" here
+            raise PreflightError(f"dataset {name!r} is neither a folder nor a reachable Hub dataset ({type(e).__name__}). {hint}")
+    for split in ("train", "validation"):
+        if split not in splits:
+            raise PreflightError(f"dataset {name} has no '{split}' split (it has {list(splits)}). {hint}")
+        missing = {"image", "text"} - set(splits[split].column_names)
+        if missing:
+            raise PreflightError(f"dataset {name} split '{split}' lacks column(s) {sorted(missing)}. {hint}")
+    return splits
+
+
+def split_to_tensors(split, tokenizer, config):
+    """Decode every sprite and tokenise every caption once: (N, C, H, W) uint8 pixels and padded token ids."""
+    size = config.image_size
+    pixels = []
+    for i, image in enumerate(split["image"]):
+        image = image.convert("RGBA")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.LANCZOS)
+        array = np.asarray(image)
+        if config.num_channels == 3:  # composite onto white, as the sprites are shown
+            alpha = array[..., 3:4].astype(np.float32) / 255
+            array = (array[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
+        pixels.append(array)
+    pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    text = tokenizer(list(split["text"]), padding="max_length", truncation=True, max_length=config.max_text_length, return_tensors="pt")
+    return {"pixels": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+
+
+def augment(pixels, hflip, max_shift, background):
+    """uint8 sprites on the device -> floats in [-1, 1], each flipped and shifted by whole pixels at random.
+
+    Only geometry changes: colour is part of what the caption says. Shifted-in pixels are the background
+    (transparent for RGBA, white for RGB).
+    """
+    x = pixels.float() / 255
+    b = x.shape[0]
+    if hflip:
+        flip = torch.rand(b, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if max_shift > 0:
+        shift = torch.randint(-max_shift, max_shift + 1, (b, 2), device=x.device).float() * 2 / x.shape[-1]
+        theta = torch.zeros(b, 2, 3, device=x.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x - background, grid, mode="nearest", padding_mode="zeros", align_corners=False) + background
+    return x * 2 - 1
+
+
+# checkpoints
+
+
+def checkpoint_step(path):
+    return int(path.name.split("-")[-1])
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first, and partial ones (a killed save: no marker, or a temporary folder)."""
+    complete, partial = [], []
+    for path in Path(output_dir).glob("*checkpoint-*"):
+        if path.name.startswith("checkpoint-") and (path / COMPLETE_MARKER).is_file():
+            complete.append(path)
+        elif path.is_dir():
+            partial.append(path)
+    return sorted(complete, key=checkpoint_step), partial
+
+
+def save_checkpoint(accelerator, output_dir, step, state, ema, limit, keep=None):
+    """accelerator.save_state into a temporary folder, then the trainer state, the marker last, then a rename.
+
+    A kill at any point leaves either the previous checkpoints untouched or a folder without the marker, which
+    resuming reports and deletes. `keep` (the best checkpoint so far) is never pruned.
+    """
+    output_dir = Path(output_dir)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its own RNG state
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        with open(tmp / COMPLETE_MARKER, "w") as f:
+            json.dump({"step": step, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        complete, _ = list_checkpoints(output_dir)
+        prunable = [c for c in complete if c != final and (keep is None or checkpoint_step(c) != keep)]
+        for old in prunable[: max(0, len(complete) - (limit or len(complete)))]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(accelerator, output_dir, resume):
+    """The checkpoint folder `--resume` names ('latest': the newest complete one); partial folders are removed."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / COMPLETE_MARKER).is_file():
+            raise PreflightError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
+        return path
+    complete, partial = list_checkpoints(output_dir)
+    for path in partial:
+        logger.warning(f"Removing partial checkpoint {path} (interrupted while saving)", main_process_only=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if not complete:
+        logger.warning(f"--resume latest: no complete checkpoint in {output_dir}; starting from scratch", main_process_only=True)
+        return None
+    return complete[-1]
+
+
+# pre-flight
+
+
+def preflight(cfg, output_dir, text_encoder):
+    """Everything that can be checked before the first step, so a run does not die an hour in."""
+    try:
+        PokeSpriteConfig(**model_kwargs(cfg))
+    except (ValueError, TypeError, KeyError) as e:
+        raise PreflightError(f"invalid model config in {cfg.get('_path', 'the config')}: {e}")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"output_dir {output_dir} is not writable: {e.strerror}")
+    try:
+        AutoConfig.from_pretrained(text_encoder)
+        AutoTokenizer.from_pretrained(text_encoder)
+    except Exception as e:  # OSError offline, ValueError for a non-model folder
+        raise PreflightError(
+            f"text encoder {text_encoder!r} does not load ({type(e).__name__}); pass --text_encoder a Hub id or a local BERT folder"
+        )
+
+
+def checkpoint_bytes(model):
+    # weights + two AdamW moments + an EMA copy, with room to spare
+    return sum(p.numel() * p.element_size() for p in model.parameters()) * 5
+
+
+# validation and outputs
+
+
+@torch.no_grad()
+def validation_loss(accelerator, net, val, val_loader, val_noise, val_timesteps, text_cache):
+    """Mean validation loss and terms, with fixed noise (and timesteps), over each sample exactly once."""
+    was_training = net.training
+    net.eval()
+    losses = []
+    for idx in val_loader:
+        out = net(
+            val["input_ids"][idx], val["attention_mask"][idx], noise=val_noise[idx],
+            pixel_values=val["pixels"][idx].float() / 127.5 - 1,
+            timesteps=None if val_timesteps is None else val_timesteps[idx],
+            bert_hidden_states=None if text_cache is None else text_cache[idx],
+        )
+        losses.append(accelerator.gather_for_metrics(out.loss_per_sample))
+    net.train(was_training)
+    return torch.cat(losses).mean().item()
+
+
+@torch.no_grad()
+def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
+    """A sample grid (fixed prompts, two fixed seeds each) and the attention heatmaps of the first prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    with accelerator.autocast():
+        images = net.generate(prompts, num_images_per_prompt=2, generator=generator)
+        sprite, heatmaps, words = attention_for_prompt(net, prompts[0], seed=seed, tokenizer=tokenizer)
+    # column = prompt, row = seed, as in the reference sheets
+    order = torch.arange(len(images)).view(len(prompts), 2).t().reshape(-1)
+    grid = sprite_grid(images[order], nrow=len(prompts))
+    attention = attention_figure(sprite, heatmaps, words)
+    samples = Path(output_dir) / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    grid.save(samples / f"samples-{step:06d}.png")
+    attention.save(samples / f"attention-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        pictures = {"samples": [np.asarray(grid)], "attention": [np.asarray(attention)]}
+        if tracker.name == "tensorboard":
+            tracker.log_images({k: np.stack(v) for k, v in pictures.items()}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images(pictures, step=step)
+    return grid
+
+
+def save_model_card(output_dir, cfg, metrics, dataset, text_encoder):
+    """README.md with Hub metadata, how to load, how it was trained and what it reached."""
+    hub_like = lambda name: name and not Path(name).exists() and "/" in name
+    data = ModelCardData(
+        license="mit",
+        library_name="transformers",
+        pipeline_tag="text-to-image",
+        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", cfg["model"]["generator_type"]],
+        datasets=[dataset] if hub_like(dataset) else None,
+        base_model=text_encoder if hub_like(text_encoder) else None,
+    )
+    repo = cfg["output"].get("hub_model_id") or "<user>/pokesprite"
+    t = cfg["training"]
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    card = f"""---
+{data.to_yaml()}
+---
+
+# PokeSprite: {cfg['model']['generator_type']} generator
+
+A description goes in, a {cfg['model']['image_size']}x{cfg['model']['image_size']} sprite comes out
+({'RGBA, transparent background' if cfg['model']['num_channels'] == 4 else 'RGB'}).
+
+![samples](samples.png)
+
+## Use
+
+```python
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)  # add revision="<commit>" to pin the code
+sprites = model.generate(["a small blue water turtle"], num_images_per_prompt=4,
+                         generator=torch.Generator().manual_seed(0), output_type="pil")
+```
+
+`trust_remote_code=True` runs `modeling_pokesprite.py` and `configuration_pokesprite.py` from this repository:
+read them first, and pin a `revision` so that later pushes cannot change the code you run.
+
+## Training
+
+- text encoder: `{text_encoder}` ({'frozen' if cfg['model']['text_encoder']['freeze'] else 'fine-tuned'})
+- dataset: `{dataset}`
+- steps: {metrics.get('step')}, batch size {t['train_batch_size']} per process, gradient accumulation {t['gradient_accumulation_steps']}
+- AdamW, learning rate {t['learning_rate']}, weight decay {t['weight_decay']}, {t['lr_scheduler']} schedule with {t['lr_warmup_steps']} warm-up steps
+- mixed precision: {t['mixed_precision']}; EMA decay: {t['ema_decay']}
+
+## Results
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Limitations
+
+Trained on a few hundred sprites: expect the training set's style, and near-copies of training sprites for
+training captions. Pokémon and its artwork are © Nintendo / Creatures Inc. / GAME FREAK inc.; sprites made by a
+model trained on them are for personal and research use.
+"""
+    (Path(output_dir) / "README.md").write_text(card)
+
+
+def push_to_hub(output_dir, repo_id, private=False):
+    """Upload the final model folder (config, both .py files, weights, tokenizer, card, samples) to the Hub."""
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+    api = HfApi()
+    repo_id = repo_id or f"{api.whoami()['name']}/{Path(output_dir).name}"
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, ignore_patterns=PUSH_IGNORE_PATTERNS,
+                      commit_message="Upload PokeSprite model")
+    return repo_id
+
+
+def log_wandb_artifacts(accelerator, output_dir, best_checkpoint):
+    """The final model folder as a W&B model artifact; the best checkpoint by validation loss aliased 'best'."""
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    model = wandb.Artifact(f"{run.name or 'pokesprite'}-model", type="model")
+    for path in Path(output_dir).iterdir():
+        if path.is_file():
+            model.add_file(str(path))
+    run.log_artifact(model, aliases=["latest", "final"])
+    if best_checkpoint is not None and best_checkpoint.exists():
+        best = wandb.Artifact(f"{run.name or 'pokesprite'}-checkpoint", type="model")
+        best.add_dir(str(best_checkpoint))
+        run.log_artifact(best, aliases=["best"])
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, accelerator):
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:  # all ranks must stop at the same step
+            flag = accelerator.reduce(flag, "sum")
+        return bool(flag.item())
+
+
+def main(args):
+    cfg = load_config(args)
+    cfg["_path"] = args.config
+    train_cfg, data_cfg, out_cfg = cfg["training"], cfg["data"], cfg["output"]
+    output_dir = Path(out_cfg["output_dir"])
+    text_encoder = cfg["model"]["text_encoder"]["name"]
+    report_to = out_cfg.get("report_to", "tensorboard")
+    log_with = {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])
+
+    accelerator = Accelerator(
+        mixed_precision=train_cfg["mixed_precision"],
+        gradient_accumulation_steps=train_cfg["gradient_accumulation_steps"],
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    cfg.pop("_path")
+
+    # data
+    splits = load_splits(data_cfg["dataset"])
+    if args.data_stats:
+        from prepare_dataset import dataset_stats
+
+        if accelerator.is_main_process:
+            print(dataset_stats(splits, AutoTokenizer.from_pretrained(text_encoder)))
+        return None
+
+    # model (the same initial weights on every process: seed before building it)
+    set_seed(train_cfg["seed"])
+    preflight(cfg, output_dir, text_encoder)
+    model = PokeSpriteModel.from_text_encoder(text_encoder, **model_kwargs(cfg))
+    tokenizer = model.tokenizer
+    free = shutil.disk_usage(output_dir).free
+    if free < checkpoint_bytes(model):
+        raise PreflightError(f"only {free / 2**20:.0f} MiB free in {output_dir}; a checkpoint needs about {checkpoint_bytes(model) / 2**20:.0f} MiB")
+    config = model.config
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # the whole dataset lives on the device as tensors: no per-step decoding, no DataLoader workers
+    train = {k: v.to(accelerator.device) for k, v in split_to_tensors(splits["train"], tokenizer, config).items()}
+    val = {k: v.to(accelerator.device) for k, v in split_to_tensors(splits["validation"], tokenizer, config).items()}
+    model.to(accelerator.device)
+    text_cache = val_text_cache = None
+    if config.freeze_text_encoder:  # a frozen BERT gives the same features every epoch: compute them once
+        with torch.no_grad():
+            encode = model.text_encoder.bert_hidden_states
+            text_cache = torch.cat([encode(train["input_ids"][i:i + 256], train["attention_mask"][i:i + 256]) for i in range(0, len(train["input_ids"]), 256)])
+            val_text_cache = encode(val["input_ids"], val["attention_mask"])
+    background = 0.0 if config.num_channels == 4 else 1.0
+    batch_size = train_cfg["train_batch_size"]
+    n_train = len(train["pixels"])
+    if n_train < batch_size:
+        raise PreflightError(f"the train split has {n_train} rows, fewer than --train_batch_size {batch_size}")
+    # the loaders yield indices into the device tensors; accelerate shards them across processes
+    train_loader = torch.utils.data.DataLoader(torch.arange(n_train), batch_size=batch_size, shuffle=True, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(torch.arange(len(val["pixels"])), batch_size=batch_size)
+    generator = torch.Generator().manual_seed(train_cfg["seed"])  # fixed validation noise, the same every time
+    val_noise = model.make_noise(len(val["pixels"]), generator).to(accelerator.device)
+    val_timesteps = None
+    if config.generator_type == "diffusion":
+        val_noise = torch.randn(val["pixels"].shape, generator=generator).to(accelerator.device)
+        val_timesteps = torch.randint(0, config.num_train_timesteps, (len(val["pixels"]),), generator=generator).to(accelerator.device)
+    prompts = list(splits["validation"]["text"][: train_cfg["num_validation_prompts"]])
+
+    # optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = accelerator.device.type == "cuda"  # one kernel for the whole update: the step is launch-bound on a GPU
+    optimizer = torch.optim.AdamW(params, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"], fused=fused)
+    updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / train_cfg["gradient_accumulation_steps"])
+    max_steps = train_cfg["max_train_steps"] or train_cfg["num_epochs"] * updates_per_epoch
+    # the prepared scheduler steps once per process for each optimizer step, hence the factor
+    lr_scheduler = get_scheduler(
+        train_cfg["lr_scheduler"], optimizer,
+        num_warmup_steps=train_cfg["lr_warmup_steps"] * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    ema = None
+    if train_cfg["ema_decay"] > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg["ema_decay"]), use_buffers=True)
+    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, val_loader, lr_scheduler)
+    forward = torch.compile(model) if args.compile else model
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            out_cfg["experiment_name"], config=flat_config(cfg),
+            init_kwargs={"wandb": {"name": out_cfg["experiment_name"], "dir": str(output_dir)}},
+        )
+
+    # resume
+    global_step, epoch, batches_done, best = 0, 0, 0, {"loss": math.inf, "step": None}
+    if args.resume:
+        checkpoint = find_resume_checkpoint(accelerator, output_dir, args.resume)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            if ema is not None:
+                ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors"), device=str(accelerator.device)))
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            global_step, epoch, batches_done, best = state["global_step"], state["epoch"], state["batches_done"], state["best"]
+            logger.info(f"Resuming from {checkpoint} at step {global_step} (epoch {epoch}, batch {batches_done})", main_process_only=True)
+
+    net = lambda: ema.module if ema is not None else accelerator.unwrap_model(model)
+    stop = StopRequest()
+    total_batch = batch_size * accelerator.num_processes * train_cfg["gradient_accumulation_steps"]
+    logger.info(f"{n_train} training sprites, {max_steps} steps of {total_batch} ({updates_per_epoch} per epoch)", main_process_only=True)
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    sums, nonfinite_streak, bad_batch, tick, last_val = {}, 0, False, time.time(), None
+
+    def state():
+        return {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "best": best}
+
+    def checkpoint_now():
+        return save_checkpoint(accelerator, output_dir, global_step, state(), ema, train_cfg["checkpoints_total_limit"], keep=best["step"])
+
+    model.train()
+    while global_step < max_steps:
+        train_loader.set_epoch(epoch)
+        # on resume, skip the batches of this epoch that the checkpoint already trained on
+        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        for idx in loader:
+            batches_done += 1
+            with accelerator.accumulate(model):
+                out = forward(
+                    train["input_ids"][idx], train["attention_mask"][idx],
+                    pixel_values=augment(train["pixels"][idx], data_cfg["hflip"], data_cfg["max_shift"], background),
+                    bert_hidden_states=None if text_cache is None else text_cache[idx],
+                )
+                # a non-finite loss on any process poisons the averaged gradients, so every process skips
+                bad = (~torch.isfinite(out.loss.detach())).float()
+                bad_batch |= bool(accelerator.reduce(bad, "sum").item() if accelerator.num_processes > 1 else bad.item())
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and not bad_batch:
+                    grad_norm = accelerator.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not bad_batch:
+                for name in ("loss", "l1_loss", "mse_loss", "attention_loss", "diffusion_loss"):
+                    if getattr(out, name) is not None:
+                        sums[name] = sums.get(name, 0.0) + out[name].detach().float()
+            if not accelerator.sync_gradients:
+                continue
+
+            # one optimizer step done (or skipped)
+            if bad_batch:
+                bad_batch, nonfinite_streak = False, nonfinite_streak + 1
+                logger.warning(f"non-finite loss at step {global_step + 1}: update skipped ({nonfinite_streak} in a row)", main_process_only=True)
+                if nonfinite_streak >= train_cfg["max_nonfinite_steps"]:
+                    complete, _ = list_checkpoints(output_dir)
+                    last = complete[-1] if complete else "none saved yet"
+                    raise RuntimeError(f"{nonfinite_streak} non-finite losses in a row at step {global_step}; stopping. Last good checkpoint: {last}")
+                continue
+            nonfinite_streak = 0
+            global_step += 1
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+            progress.update(1)
+
+            if global_step % train_cfg["logging_steps"] == 0 or global_step == max_steps:
+                count = train_cfg["logging_steps"] * train_cfg["gradient_accumulation_steps"]
+                logs = {f"train/{k}": v.item() / count for k, v in sums.items()}
+                elapsed, tick = time.time() - tick, time.time()
+                logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_sec": total_batch * train_cfg["logging_steps"] / elapsed, "epoch": epoch})
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                sums = {}
+
+            at_checkpoint = global_step % train_cfg["checkpointing_steps"] == 0
+            at_validation = global_step % train_cfg["validation_steps"] == 0 or global_step == max_steps
+            if at_checkpoint or at_validation:
+                last_val = validation_loss(accelerator, net(), val, val_loader, val_noise, val_timesteps, val_text_cache)
+                accelerator.log({"val/loss": last_val}, step=global_step)
+                if at_checkpoint and last_val < best["loss"]:
+                    best = {"loss": last_val, "step": global_step}
+            if at_validation and accelerator.is_main_process:
+                log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
+            if at_checkpoint:
+                checkpoint_now()
+            if stop.requested(accelerator):
+                checkpoint = checkpoint_now()
+                accelerator.print(
+                    f"Stopped by {stop.signal or 'a signal on another process'} at step {global_step}; saved {checkpoint}.\n"
+                    f"Resume with the same command plus: --resume latest"
+                )
+                accelerator.end_training()
+                return None
+            if global_step >= max_steps:
+                break
+        else:  # the epoch ran out
+            epoch, batches_done = epoch + 1, 0
+    progress.close()
+
+    # the final model: EMA weights when EMA is on, plus the tokenizer, a sample grid and a model card
+    accelerator.wait_for_everyone()
+    final = net()
+    if not all(torch.isfinite(p).all() for p in final.parameters()):
+        raise RuntimeError("the final weights are not finite; nothing saved. Resume from the last checkpoint.")
+    metrics = {"step": global_step, "val_loss": last_val}
+    if accelerator.is_main_process:
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        grid = log_samples(accelerator, final, tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
+        grid.save(output_dir / "samples.png")
+        save_model_card(output_dir, cfg, metrics, data_cfg["dataset"], text_encoder)
+        if "wandb" in log_with:
+            best_checkpoint = output_dir / f"checkpoint-{best['step']}" if best["step"] else None
+            log_wandb_artifacts(accelerator, output_dir, best_checkpoint)
+        if out_cfg.get("push_to_hub"):
+            repo_id = push_to_hub(output_dir, out_cfg.get("hub_model_id"), private=args.hub_private)
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
+        logger.info(f"Saved the model to {output_dir}", main_process_only=True)
+    accelerator.end_training()
+    return metrics
+
+
+def cli(argv=None):
+    args = parse_args(argv)
+    try:
+        main(args)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
