@@ -128,8 +128,6 @@ def load_rows(csv_path):
         line = data[:offset].count(b"\n") + 1
         raise DatasetError(f"{csv_path} is not UTF-8: byte 0x{data[offset]:02x} at offset {offset} "
                            f"(line {line}); re-save the file as UTF-8") from None
-    if not text.strip():
-        raise DatasetError(f"{csv_path} is empty: expected a header with {', '.join(REQUIRED_COLUMNS)}")
     reader = csv.reader(io.StringIO(text, newline=""))
     records = []
     try:
@@ -143,8 +141,9 @@ def load_rows(csv_path):
                 records.append((start, [f.strip() for f in fields]))
     except csv.Error as e:
         raise DatasetError(f"{csv_path}, line {reader.line_num}: unreadable CSV ({e})") from None
+    if not records:
+        raise DatasetError(f"{csv_path} is empty: expected a header with {', '.join(REQUIRED_COLUMNS)}")
     (_, columns), rows = records[0], records[1:]
-    columns = [c.lstrip("\ufeff") for c in columns]
     _check_columns(csv_path, columns)
     if not rows:
         raise DatasetError(f"{csv_path} has a header but no rows")
@@ -492,14 +491,14 @@ def write_synthetic_source(out_dir, n=64, seed=0, image_size=64):
     return out_dir / "pokemon.csv", images
 
 
-def build_synthetic_dataset(n, seed=0, *, val_split=0.2, image_size=64):
+def build_synthetic_dataset(n, seed=0, *, val_split=0.2, image_size=64, caption_template=None):
     """Synthetic DatasetDict through the same code path as real data (write the layout, then read it)."""
     if n < 1:
         raise DatasetError(f"--synthetic needs a positive number of rows, got {n}")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path, images = write_synthetic_source(tmp, n, seed, image_size)
         return build_dataset(csv_path, images, val_split=val_split, seed=seed, image_size=image_size,
-                             caption_template=SYNTHETIC_CAPTION_TEMPLATE)
+                             caption_template=caption_template or SYNTHETIC_CAPTION_TEMPLATE)
 
 
 # stats
@@ -523,9 +522,13 @@ def load_tokenizer(name=None):
         pass
     for source, kwargs in attempts:
         try:
-            return AutoTokenizer.from_pretrained(source, **kwargs), str(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         except Exception:
             continue
+        if source != DEFAULT_TOKENIZER:
+            logger.info(f"{DEFAULT_TOKENIZER} is not available offline; counting tokens with {source}")
+        return tokenizer, str(source)
+    logger.info("no tokenizer available; counting whitespace words instead of tokens")
     return None, "whitespace words (no tokenizer available)"
 
 
@@ -663,7 +666,8 @@ def main(argv=None):
         if args.synthetic is not None:
             check_output(args.output, args.overwrite)
             dataset_dict, report = build_synthetic_dataset(args.synthetic, args.seed, val_split=args.val_split,
-                                                           image_size=args.image_size)
+                                                           image_size=args.image_size,
+                                                           caption_template=args.caption_template)
             save_dataset(dataset_dict, args.output, overwrite=args.overwrite,
                          card=dataset_card(dataset_dict, report=report, synthetic=True))
         else:

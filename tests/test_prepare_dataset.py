@@ -214,7 +214,7 @@ def test_csv_that_is_not_utf8_names_byte_offset_and_line(tmp_path, small_source)
         build_dataset(csv_path, small_source[1])
 
 
-@pytest.mark.parametrize("content, match", [("", "is empty"), ("\n \n", "is empty"),
+@pytest.mark.parametrize("content, match", [("", "is empty"), ("\n \n", "is empty"), ('""\n,\n', "is empty"),
                                             ("national_number,english_name,description\n", "header but no rows"),
                                             ('national_number,english_name,description\n001,"a,b\n', "unreadable CSV|fields"),
                                             ("national_number,english_name,description\n001,a,b,c\n",
@@ -448,6 +448,9 @@ def test_cli_synthetic_writes_a_dataset_dict(tmp_path, capsys):
     code, out, _ = run_main(["--synthetic", 20, "--output", tmp_path / "synthetic"], capsys)
     assert code == 0 and "train 16, validation 4" in out
     assert json.loads((tmp_path / "synthetic" / "dataset_dict.json").read_text()) == {"splits": ["train", "validation"]}
+    code, _, _ = run_main(["--synthetic", 4, "--output", tmp_path / "s2", "--caption-template", "{color} {shape}"], capsys)
+    row = load_from_disk(str(tmp_path / "s2"))["train"][0]
+    assert code == 0 and row["text"] == f"{row['color']} {row['shape']}"
 
 
 # the real data
