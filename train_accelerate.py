@@ -15,7 +15,9 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import load as torch_load_weights_only
 from huggingface_hub import HfApi, ModelCardData
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -73,7 +76,11 @@ OVERRIDES = {
 
 
 class PreflightError(Exception):
-    """A problem found before training starts; its message is the one line the user sees."""
+    """A problem found before training starts; its message is the one line the user sees (exit code 2)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the last good checkpoint (exit code 1)."""
 
 
 def parse_args(argv=None):
@@ -122,6 +129,7 @@ def load_config(args):
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise PreflightError(f"config file {path} is not valid YAML: {e}".splitlines()[0])
+    check_keys(cfg, yaml.safe_load(DEFAULT_CONFIG.read_text()), path)
     for flag, key in OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
@@ -133,6 +141,20 @@ def load_config(args):
     if args.use_wandb:
         cfg["output"]["report_to"] = "all" if cfg["output"].get("report_to") == "tensorboard" else "wandb"
     return cfg
+
+
+def check_keys(cfg, reference, path, prefix=""):
+    """The YAML must have the default config's keys, no more (a misspelt key would otherwise be ignored), no fewer."""
+    if not isinstance(cfg, dict):
+        raise PreflightError(f"config file {path}: {prefix.rstrip('.') or 'the file'} should be a mapping of keys, not {type(cfg).__name__}")
+    missing, unknown = set(reference) - set(cfg), set(cfg) - set(reference)
+    if missing or unknown:
+        names = lambda keys: ", ".join(prefix + k for k in sorted(keys))
+        raise PreflightError(f"config file {path}: " + "; ".join(
+            f"{what} key(s) {names(keys)}" for what, keys in (("missing", missing), ("unknown", unknown)) if keys))
+    for key, value in reference.items():
+        if isinstance(value, dict):
+            check_keys(cfg[key], value, path, f"{prefix}{key}.")
 
 
 def model_kwargs(cfg):
@@ -176,7 +198,12 @@ def load_splits(name):
         f"Make one with: python prepare_dataset.py --csv data/pokemon.csv --images data/small_images --output {name}"
         f" (or --synthetic 512 --output {name} for a quick start)"
     )
-    if Path(name).exists():
+    path = Path(name)
+    # "data/pokesprite" could also be a Hub id; if "data/" is a local folder it is a missing local dataset, and
+    # asking the Hub (about half a minute of retries offline) would only delay the hint
+    if not path.exists() and (path.is_absolute() or name.startswith(".") or path.parent.is_dir() and path.parent != Path(".")):
+        raise PreflightError(f"dataset folder {name} does not exist. {hint}")
+    if path.exists():
         try:
             splits = load_from_disk(name)
         except FileNotFoundError:
@@ -252,28 +279,46 @@ def list_checkpoints(output_dir):
     return sorted(complete, key=checkpoint_step), partial
 
 
-def save_checkpoint(accelerator, output_dir, step, state, ema, limit, keep=None):
+def all_finite(module):
+    # frozen weights (BERT) never change, so only the trained ones can have gone non-finite
+    return all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, keep=None):
     """accelerator.save_state into a temporary folder, then the trainer state, the marker last, then a rename.
 
     A kill at any point leaves either the previous checkpoints untouched or a folder without the marker, which
-    resuming reports and deletes. `keep` (the best checkpoint so far) is never pruned.
+    resuming reports and deletes. The files reach the disk before the marker does, so a marked checkpoint is whole
+    after a power cut too. Non-finite weights are never saved. `keep` (the best checkpoint so far) is never pruned.
     """
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    if not all_finite(accelerator.unwrap_model(model)) or (ema is not None and not all_finite(ema)):
+        raise NonFiniteError(f"the weights at step {step} are not finite; not saving checkpoint-{step}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state
+    accelerator.save_state(str(tmp))  # the main process writes the weights, optimizer and scheduler; each its RNG
+    accelerator.wait_for_everyone()  # save_state does not wait: every RNG file must be there before the marker
     if accelerator.is_main_process:
         if ema is not None:
             save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        with open(tmp / COMPLETE_MARKER, "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        for path in tmp.iterdir():
+            fsync(path)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        fsync(tmp / COMPLETE_MARKER)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync(output_dir)  # the rename itself
         complete, _ = list_checkpoints(output_dir)
         prunable = [c for c in complete if c != final and (keep is None or checkpoint_step(c) != keep)]
         for old in prunable[: max(0, len(complete) - (limit or len(complete)))]:
@@ -301,34 +346,56 @@ def find_resume_checkpoint(accelerator, output_dir, resume):
     return complete[-1]
 
 
+def load_checkpoint(accelerator, checkpoint, ema):
+    """accelerator.load_state (weights from safetensors, everything else with torch.load(weights_only=True)), the EMA."""
+    accelerator.load_state(str(checkpoint))
+    if ema is not None:
+        ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors"), device=str(accelerator.device)))
+    # load_state catches any error in restoring the RNG states and only logs it at INFO level; a resume with fresh
+    # RNG states would quietly draw other noise and flips than the uninterrupted run, so check that they came back
+    rng = torch_load_weights_only(checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
+    if not torch.equal(rng["torch_manual_seed"], torch.get_rng_state()):
+        raise RuntimeError(f"{checkpoint}: the random number generator states did not load; resuming would not be reproducible")
+
+
 # pre-flight
 
 
-def preflight(cfg, output_dir, text_encoder):
-    """Everything that can be checked before the first step, so a run does not die an hour in."""
+def preflight(cfg, config_path, output_dir, text_encoder):
+    """Everything that can be checked before the dataset and the model are loaded, so a run does not die an hour in.
+
+    Cheapest first: the config, the output folder, the text encoder's config and tokenizer, then the disk space a
+    checkpoint needs, sized on a weightless (meta device) copy of the model.
+    """
     try:
-        PokeSpriteConfig(**model_kwargs(cfg))
+        kwargs = model_kwargs(cfg)
+        PokeSpriteConfig(**kwargs)
     except (ValueError, TypeError, KeyError) as e:
-        raise PreflightError(f"invalid model config in {cfg.get('_path', 'the config')}: {e}")
+        raise PreflightError(f"invalid model config in {config_path}: {e}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):  # one name per process
+            pass
     except OSError as e:
         raise PreflightError(f"output_dir {output_dir} is not writable: {e.strerror}")
     try:
-        AutoConfig.from_pretrained(text_encoder)
+        text_config = AutoConfig.from_pretrained(text_encoder)
         AutoTokenizer.from_pretrained(text_encoder)
     except Exception as e:  # OSError offline, ValueError for a non-model folder
         raise PreflightError(
             f"text encoder {text_encoder!r} does not load ({type(e).__name__}); pass --text_encoder a Hub id or a local BERT folder"
         )
+    with torch.device("meta"):
+        model = PokeSpriteModel(PokeSpriteConfig(text_config=text_config.to_dict(), **kwargs))
+    needed, free = checkpoint_bytes(model), shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise PreflightError(f"only {free / 2**20:.0f} MiB free in {output_dir}; a checkpoint needs about {needed / 2**20:.0f} MiB")
 
 
 def checkpoint_bytes(model):
-    # weights + two AdamW moments + an EMA copy, with room to spare
-    return sum(p.numel() * p.element_size() for p in model.parameters()) * 5
+    """A checkpoint's size, with room for the final model: weights, EMA weights and two AdamW moments per trained one."""
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)
+    return 3 * size(model.parameters()) + 2 * size(p for p in model.parameters() if p.requires_grad)
 
 
 # validation and outputs
@@ -356,9 +423,12 @@ def validation_loss(accelerator, net, val, val_loader, val_noise, val_timesteps,
 def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
     """A sample grid (fixed prompts, two fixed seeds each) and the attention heatmaps of the first prompt."""
     generator = torch.Generator().manual_seed(seed)
+    was_training = net.training
+    net.eval()  # no dropout in the text encoder: the samples a user of the saved model would get
     with accelerator.autocast():
         images = net.generate(prompts, num_images_per_prompt=2, generator=generator)
         sprite, heatmaps, words = attention_for_prompt(net, prompts[0], seed=seed, tokenizer=tokenizer)
+    net.train(was_training)
     # column = prompt, row = seed, as in the reference sheets
     order = torch.arange(len(images)).view(len(prompts), 2).t().reshape(-1)
     grid = sprite_grid(images[order], nrow=len(prompts))
@@ -470,8 +540,6 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        signal.signal(signal.SIGTERM, self.handle)
-        signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -485,9 +553,21 @@ class StopRequest:
         return bool(flag.item())
 
 
+@contextmanager
+def stop_signals():
+    """A StopRequest that handles SIGTERM and SIGINT inside the `with`; the previous handlers come back after it,
+    so `main` called in-process (tests, notebooks) leaves Ctrl-C as it found it."""
+    stop = StopRequest()
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(args):
     cfg = load_config(args)
-    cfg["_path"] = args.config
     train_cfg, data_cfg, out_cfg = cfg["training"], cfg["data"], cfg["output"]
     output_dir = Path(out_cfg["output_dir"])
     text_encoder = cfg["model"]["text_encoder"]["name"]
@@ -503,25 +583,34 @@ def main(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    cfg.pop("_path")
+
+    if args.data_stats:  # the same report as `prepare_dataset.py --stats`, with the tokenizer training will use
+        from prepare_dataset import DatasetError, dataset_stats, load_tokenizer
+
+        splits = load_splits(data_cfg["dataset"])
+        try:
+            tokenizer, _ = load_tokenizer(text_encoder)
+        except DatasetError as e:
+            raise PreflightError(str(e).splitlines()[0])
+        if accelerator.is_main_process:
+            print(dataset_stats(splits, tokenizer))
+        return None
+    preflight(cfg, args.config, output_dir, text_encoder)
 
     # data
     splits = load_splits(data_cfg["dataset"])
-    if args.data_stats:
-        from prepare_dataset import dataset_stats
-
-        if accelerator.is_main_process:
-            print(dataset_stats(splits, AutoTokenizer.from_pretrained(text_encoder)))
-        return None
+    batch_size = train_cfg["train_batch_size"]
+    n_train = len(splits["train"])
+    if n_train < batch_size:
+        raise PreflightError(f"the train split has {n_train} rows, fewer than --train_batch_size {batch_size}")
 
     # model (the same initial weights on every process: seed before building it)
     set_seed(train_cfg["seed"])
-    preflight(cfg, output_dir, text_encoder)
-    model = PokeSpriteModel.from_text_encoder(text_encoder, **model_kwargs(cfg))
+    try:
+        model = PokeSpriteModel.from_text_encoder(text_encoder, **model_kwargs(cfg))
+    except OSError as e:  # a folder with a config and a tokenizer but no weights
+        raise PreflightError(f"text encoder {text_encoder!r} does not load: {str(e).splitlines()[0]}")
     tokenizer = model.tokenizer
-    free = shutil.disk_usage(output_dir).free
-    if free < checkpoint_bytes(model):
-        raise PreflightError(f"only {free / 2**20:.0f} MiB free in {output_dir}; a checkpoint needs about {checkpoint_bytes(model) / 2**20:.0f} MiB")
     config = model.config
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -537,10 +626,6 @@ def main(args):
             text_cache = torch.cat([encode(train["input_ids"][i:i + 256], train["attention_mask"][i:i + 256]) for i in range(0, len(train["input_ids"]), 256)])
             val_text_cache = encode(val["input_ids"], val["attention_mask"])
     background = 0.0 if config.num_channels == 4 else 1.0
-    batch_size = train_cfg["train_batch_size"]
-    n_train = len(train["pixels"])
-    if n_train < batch_size:
-        raise PreflightError(f"the train split has {n_train} rows, fewer than --train_batch_size {batch_size}")
     # the loaders yield indices into the device tensors; accelerate shards them across processes
     train_loader = torch.utils.data.DataLoader(torch.arange(n_train), batch_size=batch_size, shuffle=True, drop_last=True)
     val_loader = torch.utils.data.DataLoader(torch.arange(len(val["pixels"])), batch_size=batch_size)
@@ -581,109 +666,123 @@ def main(args):
     if args.resume:
         checkpoint = find_resume_checkpoint(accelerator, output_dir, args.resume)
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            if ema is not None:
-                ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors"), device=str(accelerator.device)))
+            load_checkpoint(accelerator, checkpoint, ema)
             state = json.loads((checkpoint / "trainer_state.json").read_text())
             global_step, epoch, batches_done, best = state["global_step"], state["epoch"], state["batches_done"], state["best"]
             logger.info(f"Resuming from {checkpoint} at step {global_step} (epoch {epoch}, batch {batches_done})", main_process_only=True)
 
     net = lambda: ema.module if ema is not None else accelerator.unwrap_model(model)
-    stop = StopRequest()
     total_batch = batch_size * accelerator.num_processes * train_cfg["gradient_accumulation_steps"]
     logger.info(f"{n_train} training sprites, {max_steps} steps of {total_batch} ({updates_per_epoch} per epoch)", main_process_only=True)
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    sums, nonfinite_streak, bad_batch, tick, last_val = {}, 0, False, time.time(), None
+    # since the last log: loss sums, batches summed, seconds spent training (not validating or saving)
+    sums, counted, busy = {}, 0, 0.0
+    nonfinite_streak, bad_batch, last_val = 0, False, None
+    if global_step == 0:  # the untrained model's validation loss: where the curve starts
+        last_val = validation_loss(accelerator, net(), val, val_loader, val_noise, val_timesteps, val_text_cache)
+        accelerator.log({"val/loss": last_val}, step=0)
 
     def state():
         return {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "best": best}
 
     def checkpoint_now():
-        return save_checkpoint(accelerator, output_dir, global_step, state(), ema, train_cfg["checkpoints_total_limit"], keep=best["step"])
+        return save_checkpoint(accelerator, output_dir, global_step, state(), model, ema, train_cfg["checkpoints_total_limit"], keep=best["step"])
 
     model.train()
-    while global_step < max_steps:
-        train_loader.set_epoch(epoch)
-        # on resume, skip the batches of this epoch that the checkpoint already trained on
-        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        for idx in loader:
-            batches_done += 1
-            with accelerator.accumulate(model):
-                out = forward(
-                    train["input_ids"][idx], train["attention_mask"][idx],
-                    pixel_values=augment(train["pixels"][idx], data_cfg["hflip"], data_cfg["max_shift"], background),
-                    bert_hidden_states=None if text_cache is None else text_cache[idx],
-                )
-                # a non-finite loss on any process poisons the averaged gradients, so every process skips
-                bad = (~torch.isfinite(out.loss.detach())).float()
-                bad_batch |= bool(accelerator.reduce(bad, "sum").item() if accelerator.num_processes > 1 else bad.item())
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and not bad_batch:
-                    grad_norm = accelerator.clip_grad_norm_(params, train_cfg["max_grad_norm"])
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not bad_batch:
-                for name in ("loss", "l1_loss", "mse_loss", "attention_loss", "diffusion_loss"):
-                    if getattr(out, name) is not None:
-                        sums[name] = sums.get(name, 0.0) + out[name].detach().float()
-            if not accelerator.sync_gradients:
-                continue
+    with stop_signals() as stop:
+        while global_step < max_steps:
+            train_loader.set_epoch(epoch)
+            # on resume, skip the batches of this epoch that the checkpoint already trained on
+            loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+            for idx in loader:
+                started = time.perf_counter()
+                batches_done += 1
+                with accelerator.accumulate(model):
+                    out = forward(
+                        train["input_ids"][idx], train["attention_mask"][idx],
+                        pixel_values=augment(train["pixels"][idx], data_cfg["hflip"], data_cfg["max_shift"], background),
+                        bert_hidden_states=None if text_cache is None else text_cache[idx],
+                    )
+                    # a non-finite loss on any process poisons the averaged gradients, so every process skips
+                    bad = (~torch.isfinite(out.loss.detach())).float()
+                    bad_batch |= bool(accelerator.reduce(bad, "sum").item() if accelerator.num_processes > 1 else bad.item())
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and not bad_batch:
+                        grad_norm = accelerator.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+                        # a finite loss can still have non-finite gradients (the norm is the same on every process);
+                        # with fp16, the GradScaler skips those steps itself and lowers its scale
+                        bad_batch = accelerator.scaler is None and not torch.isfinite(grad_norm)
+                        if not bad_batch:
+                            optimizer.step()
+                            lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                busy += time.perf_counter() - started
+                if not bad_batch:
+                    for name in ("loss", "l1_loss", "mse_loss", "attention_loss", "diffusion_loss"):
+                        if getattr(out, name) is not None:
+                            sums[name] = sums.get(name, 0.0) + out[name].detach().float()
+                    counted += 1
+                if not accelerator.sync_gradients:
+                    continue
 
-            # one optimizer step done (or skipped)
-            if bad_batch:
-                bad_batch, nonfinite_streak = False, nonfinite_streak + 1
-                logger.warning(f"non-finite loss at step {global_step + 1}: update skipped ({nonfinite_streak} in a row)", main_process_only=True)
-                if nonfinite_streak >= train_cfg["max_nonfinite_steps"]:
-                    complete, _ = list_checkpoints(output_dir)
-                    last = complete[-1] if complete else "none saved yet"
-                    raise RuntimeError(f"{nonfinite_streak} non-finite losses in a row at step {global_step}; stopping. Last good checkpoint: {last}")
-                continue
-            nonfinite_streak = 0
-            global_step += 1
-            if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model))
-            progress.update(1)
+                # one optimizer step done (or skipped)
+                if bad_batch:
+                    bad_batch, nonfinite_streak = False, nonfinite_streak + 1
+                    logger.warning(f"non-finite loss or gradients at step {global_step + 1}: update skipped ({nonfinite_streak} in a row)", main_process_only=True)
+                    if nonfinite_streak >= train_cfg["max_nonfinite_steps"]:
+                        complete, _ = list_checkpoints(output_dir)
+                        accelerator.end_training()
+                        raise NonFiniteError(
+                            f"{nonfinite_streak} non-finite steps in a row after step {global_step}; stopped. "
+                            f"Last good checkpoint: {complete[-1] if complete else 'none saved yet'}"
+                        )
+                    continue
+                nonfinite_streak = 0
+                global_step += 1
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
+                progress.update(1)
 
-            if global_step % train_cfg["logging_steps"] == 0 or global_step == max_steps:
-                count = train_cfg["logging_steps"] * train_cfg["gradient_accumulation_steps"]
-                logs = {f"train/{k}": v.item() / count for k, v in sums.items()}
-                elapsed, tick = time.time() - tick, time.time()
-                logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_sec": total_batch * train_cfg["logging_steps"] / elapsed, "epoch": epoch})
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                sums = {}
+                if global_step % train_cfg["logging_steps"] == 0 or global_step == max_steps:
+                    logs = {f"train/{k}": v.item() / counted for k, v in sums.items()}
+                    images = counted * batch_size * accelerator.num_processes
+                    logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_sec": images / busy, "epoch": epoch})
+                    accelerator.log(logs, step=global_step)
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                    sums, counted, busy = {}, 0, 0.0
 
-            at_checkpoint = global_step % train_cfg["checkpointing_steps"] == 0
-            at_validation = global_step % train_cfg["validation_steps"] == 0 or global_step == max_steps
-            if at_checkpoint or at_validation:
-                last_val = validation_loss(accelerator, net(), val, val_loader, val_noise, val_timesteps, val_text_cache)
-                accelerator.log({"val/loss": last_val}, step=global_step)
-                if at_checkpoint and last_val < best["loss"]:
-                    best = {"loss": last_val, "step": global_step}
-            if at_validation and accelerator.is_main_process:
-                log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
-            if at_checkpoint:
-                checkpoint_now()
-            if stop.requested(accelerator):
-                checkpoint = checkpoint_now()
-                accelerator.print(
-                    f"Stopped by {stop.signal or 'a signal on another process'} at step {global_step}; saved {checkpoint}.\n"
-                    f"Resume with the same command plus: --resume latest"
-                )
-                accelerator.end_training()
-                return None
-            if global_step >= max_steps:
-                break
-        else:  # the epoch ran out
-            epoch, batches_done = epoch + 1, 0
+                at_checkpoint = global_step % train_cfg["checkpointing_steps"] == 0
+                at_validation = global_step % train_cfg["validation_steps"] == 0 or global_step == max_steps
+                if at_checkpoint or at_validation:
+                    last_val = validation_loss(accelerator, net(), val, val_loader, val_noise, val_timesteps, val_text_cache)
+                    accelerator.log({"val/loss": last_val}, step=global_step)
+                    if at_checkpoint and last_val < best["loss"]:
+                        best = {"loss": last_val, "step": global_step}
+                if at_validation and accelerator.is_main_process:
+                    log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
+                if at_checkpoint:
+                    checkpoint_now()
+                if stop.requested(accelerator):
+                    checkpoint = output_dir / f"checkpoint-{global_step}" if at_checkpoint else checkpoint_now()
+                    accelerator.print(
+                        f"Stopped by {stop.signal or 'a signal on another process'} at step {global_step}; saved {checkpoint}.\n"
+                        f"Resume with the same command plus: --resume latest"
+                    )
+                    accelerator.end_training()
+                    return None
+                if global_step >= max_steps:
+                    break
+            else:  # the epoch ran out
+                epoch, batches_done = epoch + 1, 0
     progress.close()
 
     # the final model: EMA weights when EMA is on, plus the tokenizer, a sample grid and a model card
     accelerator.wait_for_everyone()
     final = net()
-    if not all(torch.isfinite(p).all() for p in final.parameters()):
-        raise RuntimeError("the final weights are not finite; nothing saved. Resume from the last checkpoint.")
+    if not all_finite(final):
+        raise NonFiniteError("the final weights are not finite; nothing saved. Resume from the last checkpoint.")
+    if last_val is None:  # resumed from the last step's checkpoint
+        last_val = validation_loss(accelerator, final, val, val_loader, val_noise, val_timesteps, val_text_cache)
     metrics = {"step": global_step, "val_loss": last_val}
     if accelerator.is_main_process:
         final.save_pretrained(output_dir)
@@ -709,6 +808,9 @@ def cli(argv=None):
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
