@@ -399,9 +399,10 @@ def prepare(csv_path, images_dir, output, *, overwrite=False, **build_kwargs):
     return dataset_dict, report
 
 
-# synthetic creatures: colour is the dominant signal (the whole body), shape and size next
+# synthetic creatures: colour is the dominant signal (the whole body), shape and size next.
+# The colour names are pokemon.csv's own vocabulary, so the colour-agreement metric can score them too.
 
-SYNTHETIC_COLORS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 215, 40),
+SYNTHETIC_COLORS = {"red": (220, 40, 40), "gray": (128, 128, 134), "yellow": (240, 215, 40),
                     "green": (40, 170, 60), "blue": (40, 90, 230), "purple": (140, 60, 200),
                     "pink": (250, 120, 190), "brown": (125, 80, 40)}
 SYNTHETIC_SHAPES = ("round", "square", "triangular", "oval", "diamond")

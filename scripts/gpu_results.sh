@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 5/7 results on one GPU, inside one device session: train both generator types on the shared Pokémon data
+# with the project's own trainer, evaluate them, and benchmark the training step. Everything it needs travels in
+# .gpu/ (prepared dataset, MiniLM in fp16, wheels the GPU image lacks):
+#   prepare:  python prepare_dataset.py --csv ../shared/pokemon/pokemon.csv --images ../shared/pokemon/small_images --output .gpu/pokesprite
+#   run:      bash scripts/gpu_results.sh   (writes results under $OUT)
+set -uo pipefail
+OUT=${OUT:-outputs/gpu}
+RUN=/tmp/runs
+DECODER_STEPS=${DECODER_STEPS:-2500}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-2000}
+mkdir -p "$OUT" "$RUN"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+nvidia-smi -L | tee "$OUT/log.txt"
+python3 -c "import torch, transformers, accelerate, datasets, pyarrow; print(torch.__version__, transformers.__version__, accelerate.__version__, datasets.__version__, pyarrow.__version__)" 2>&1 | tee -a "$OUT/log.txt"
+
+train() {  # name steps batch budget_s extra flags...
+  local name=$1 steps=$2 batch=$3 budget=$4; shift 4
+  local start=$SECONDS
+  # SIGTERM makes the trainer checkpoint and stop cleanly; a second call with --max_train_steps at or below the
+  # step reached only writes the final model from that checkpoint
+  timeout -s TERM "$budget" accelerate launch --config_file accelerate_config.yaml train_accelerate.py \
+    --config config/train_config.yaml --dataset .gpu/pokesprite --text_encoder .gpu/minilm \
+    --output_dir "$RUN/$name" --max_train_steps "$steps" --train_batch_size "$batch" --report_to tensorboard \
+    --checkpointing_steps 500 --validation_steps 500 --checkpoints_total_limit 1 "$@" 2>&1 | grep -v "Loading weights" | tail -n 25
+  if [ ! -f "$RUN/$name/model.safetensors" ]; then
+    accelerate launch --config_file accelerate_config.yaml train_accelerate.py --config config/train_config.yaml \
+      --dataset .gpu/pokesprite --text_encoder .gpu/minilm --output_dir "$RUN/$name" --max_train_steps 1 \
+      --report_to none --resume latest "$@" 2>&1 | tail -n 3
+  fi
+  echo "$name: $((SECONDS - start)) s wall" | tee -a "$OUT/log.txt"
+}
+
+train decoder "$DECODER_STEPS" 64 150 --generator_type decoder --ema_decay 0 --lr_warmup_steps 100 2>&1 | tee -a "$OUT/log.txt"
+train diffusion "$DIFFUSION_STEPS" 128 270 --generator_type diffusion --ema_decay 0.999 --learning_rate 3e-4 2>&1 | tee -a "$OUT/log.txt"
+
+for name in decoder diffusion; do
+  python3 evaluate_model.py --model "$RUN/$name" --dataset .gpu/pokesprite --out "$OUT/$name" \
+    --new_descriptions docs/new_descriptions.txt 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
+  cp "$RUN/$name/README.md" "$OUT/$name/model_card.md" 2>/dev/null
+  cp -r "$RUN/$name/logs" "$OUT/$name/" 2>/dev/null
+done
+
+timeout 120 python3 benchmarks/bench_train.py --device cuda --synthetic-in-memory --text_encoder .gpu/minilm \
+  --out "$OUT/bench_train.json" 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
+
+# the tool brings back at most 8 files, 2 folders down: pack the results
+tar czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz . && ls -la "$OUT"
