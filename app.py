@@ -91,9 +91,8 @@ def build_demo(model):
         heatmap = gr.Image(label="Attention", format="png", type="pil", interactive=False, elem_id="attention")
         attention = gr.State()
 
-        inputs, outputs = [prompt, num, seed, guidance], [gallery, attention, word, heatmap]
-        button.click(make_sprites, inputs, outputs)
-        prompt.submit(make_sprites, inputs, outputs)
+        # one event for the button and the Enter key, so that requests queue one at a time (see make_sprites)
+        gr.on([button.click, prompt.submit], make_sprites, [prompt, num, seed, guidance], [gallery, attention, word, heatmap])
         word.change(show_word, [word, attention], heatmap)
     return demo
 

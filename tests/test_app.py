@@ -184,6 +184,6 @@ def test_empty_prompt_is_an_error_shown_in_the_page(tiny_model):
     import app
 
     demo = app.build_demo(tiny_model[1])
-    (make_sprites,) = [f.fn for f in demo.fns.values() if f.name == "make_sprites"][:1]
+    (make_sprites,) = [f.fn for f in demo.fns.values() if f.name == "make_sprites"]
     with pytest.raises(gr.Error, match="Type a description"):
         make_sprites("   ", 4, 0, 3.0)
