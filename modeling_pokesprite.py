@@ -391,7 +391,9 @@ class PokeSpriteModel(PreTrainedModel):
         This is the only place a pretrained BERT is downloaded: its config is copied into `PokeSpriteConfig`, so
         a saved PokeSprite model rebuilds the encoder from `config.json` and loads every weight from its own file.
         """
-        bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+        # fp32 whatever the checkpoint stores: mixed precision is the trainer's choice, and the config copied below
+        # must not carry a half-precision dtype into every model built from it
+        bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, dtype=torch.float32)
         config = PokeSpriteConfig(text_config=bert.config.to_dict(), model_name=str(name_or_path), **config_kwargs)
         model = cls(config)
         model.text_encoder.bert.load_state_dict(bert.state_dict())
