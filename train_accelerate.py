@@ -382,9 +382,8 @@ def preflight(cfg, config_path, output_dir, text_encoder):
         text_config = AutoConfig.from_pretrained(text_encoder)
         AutoTokenizer.from_pretrained(text_encoder)
     except Exception as e:  # OSError offline, ValueError for a non-model folder
-        raise PreflightError(
-            f"text encoder {text_encoder!r} does not load ({type(e).__name__}); pass --text_encoder a Hub id or a local BERT folder"
-        )
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise PreflightError(f"text encoder {text_encoder!r} does not load ({reason}); pass --text_encoder a Hub id or a local BERT folder")
     with torch.device("meta"):
         model = PokeSpriteModel(PokeSpriteConfig(text_config=text_config.to_dict(), **kwargs))
     needed, free = checkpoint_bytes(model), shutil.disk_usage(output_dir).free
@@ -734,6 +733,7 @@ def main(args):
                     logger.warning(f"non-finite loss or gradients at step {global_step + 1}: update skipped ({nonfinite_streak} in a row)", main_process_only=True)
                     if nonfinite_streak >= train_cfg["max_nonfinite_steps"]:
                         complete, _ = list_checkpoints(output_dir)
+                        progress.close()
                         accelerator.end_training()
                         raise NonFiniteError(
                             f"{nonfinite_streak} non-finite steps in a row after step {global_step}; stopped. "
