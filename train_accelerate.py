@@ -350,7 +350,8 @@ def load_checkpoint(accelerator, checkpoint, ema):
     """accelerator.load_state (weights from safetensors, everything else with torch.load(weights_only=True)), the EMA."""
     accelerator.load_state(str(checkpoint))
     if ema is not None:
-        ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors"), device=str(accelerator.device)))
+        # to the CPU, then copied into the EMA's tensors (safetensors rejects multi-process CPU's device, "cpu:0")
+        ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
     # load_state catches any error in restoring the RNG states and only logs it at INFO level; a resume with fresh
     # RNG states would quietly draw other noise and flips than the uninterrupted run, so check that they came back
     rng = torch_load_weights_only(checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
