@@ -292,6 +292,14 @@ def fsync(path):
         os.close(fd)
 
 
+def discard(checkpoint):
+    """Delete a checkpoint folder; renamed first, so that a kill while deleting cannot leave it looking complete."""
+    trash = checkpoint.with_name(f".old-{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)  # left by an earlier kill
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash)
+
+
 def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, keep=None):
     """accelerator.save_state into a temporary folder, then the trainer state, the marker last, then a rename.
 
@@ -316,13 +324,14 @@ def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, kee
             fsync(path)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
         fsync(tmp / COMPLETE_MARKER)
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # this step saved again, after resuming from an older checkpoint
+            discard(final)
         os.replace(tmp, final)
         fsync(output_dir)  # the rename itself
         complete, _ = list_checkpoints(output_dir)
         prunable = [c for c in complete if c != final and (keep is None or checkpoint_step(c) != keep)]
         for old in prunable[: max(0, len(complete) - (limit or len(complete)))]:
-            shutil.rmtree(old)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -336,7 +345,7 @@ def find_resume_checkpoint(accelerator, output_dir, resume):
         return path
     complete, partial = list_checkpoints(output_dir)
     for path in partial:
-        logger.warning(f"Removing partial checkpoint {path} (interrupted while saving)", main_process_only=True)
+        logger.warning(f"Removing partial checkpoint {path} (left by an interrupted save or deletion)", main_process_only=True)
         if accelerator.is_main_process:
             shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()

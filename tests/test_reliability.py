@@ -191,8 +191,8 @@ def killed_run(synthetic_dataset_dir, tmp_path_factory):
 def test_resume_latest_removes_partial_checkpoints_and_uses_the_newest_complete_one(killed_run):
     output_dir, seen = killed_run
     log = seen["resume_after_planting"]
-    assert f"Removing partial checkpoint {output_dir}/checkpoint-99 (interrupted while saving)" in log
-    assert f"Removing partial checkpoint {output_dir}/.tmp-checkpoint-100 (interrupted while saving)" in log
+    assert f"Removing partial checkpoint {output_dir}/checkpoint-99 (left by an interrupted save or deletion)" in log
+    assert f"Removing partial checkpoint {output_dir}/.tmp-checkpoint-100 (left by an interrupted save or deletion)" in log
     assert resumed_from(log) == seen["planted_next_to"]  # not 99: it has no marker
     assert seen["partials_after_resume_started"] == []
 

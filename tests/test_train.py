@@ -111,8 +111,8 @@ def opaque_redness(images):
 def diffusion_run(synthetic_dataset_dir, tmp_path_factory):
     """8 steps of the diffusion generator, logging to TensorBoard and W&B: checkpoints every 2 steps, 2 kept."""
     output_dir = tmp_path_factory.mktemp("diffusion") / "run"
-    done = train(synthetic_dataset_dir, output_dir, "--generator_type", "diffusion", "--report_to", "all")
-    return output_dir, done
+    train(synthetic_dataset_dir, output_dir, "--generator_type", "diffusion", "--report_to", "all")
+    return output_dir
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def decoder_run(colour_dataset_dir, tmp_path_factory):
 
 
 def test_checkpoints_are_pruned_to_the_limit_keeping_the_newest_and_the_best(diffusion_run):
-    output_dir, _ = diffusion_run
+    output_dir = diffusion_run
     val = scalars(output_dir / LOGS)["val/loss"]
     best = min((2, 4, 6, 8), key=lambda step: val[step])  # tiny.yaml: a checkpoint every 2 steps, 2 kept
     expected = ["checkpoint-6", "checkpoint-8"] if best in (6, 8) else [f"checkpoint-{best}", "checkpoint-8"]
@@ -152,7 +152,7 @@ def test_checkpoints_are_pruned_to_the_limit_keeping_the_newest_and_the_best(dif
 
 
 def test_tensorboard_logs_losses_lr_grad_norm_throughput_validation_and_images(diffusion_run):
-    output_dir, _ = diffusion_run
+    output_dir = diffusion_run
     logged = scalars(output_dir / LOGS)
     for tag in ("train/loss", "train/diffusion_loss", "lr", "grad_norm", "images_per_sec"):
         assert sorted(logged[tag]) == list(range(1, 9)), tag  # logging_steps 1
@@ -173,7 +173,7 @@ def test_decoder_run_logs_its_own_loss_terms(decoder_run):
 
 
 def test_wandb_offline_run_is_written_under_output_dir(diffusion_run):
-    output_dir, _ = diffusion_run
+    output_dir = diffusion_run
     runs = list((output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "no W&B event log in the offline run folder"
@@ -192,7 +192,7 @@ def test_final_folder_loads_with_automodel_in_a_fresh_process_and_generates(diff
                   bool(images.isfinite().all()), 0 <= images.min().item() <= images.max().item() <= 1)
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script, str(diffusion_run[0]), str(decoder_run)], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-c", script, str(diffusion_run), str(decoder_run)], cwd=tmp_path,
                           env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -203,7 +203,7 @@ def test_final_folder_loads_with_automodel_in_a_fresh_process_and_generates(diff
 
 
 def test_model_card_has_text_to_image_metadata_and_the_final_metrics(diffusion_run):
-    output_dir, _ = diffusion_run
+    output_dir = diffusion_run
     card = (output_dir / "README.md").read_text()
     metadata = card.split("---")[1]
     assert "pipeline_tag: text-to-image" in metadata
@@ -218,7 +218,7 @@ def test_model_card_has_text_to_image_metadata_and_the_final_metrics(diffusion_r
 
 def test_resume_after_kill_matches_uninterrupted_run(diffusion_run, synthetic_dataset_dir, tmp_path):
     """SIGKILL once checkpoint-4 exists, then --resume latest: the same losses from there on and the same weights."""
-    reference, _ = diffusion_run
+    reference = diffusion_run
     output_dir = tmp_path / "run"
     flags = ["--generator_type", "diffusion", "--report_to", "tensorboard"]  # the tracker does not touch the RNG
     process = start_training(synthetic_dataset_dir, output_dir, *flags)
