@@ -7,10 +7,14 @@
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
 RUN=/tmp/runs
-DECODER_STEPS=${DECODER_STEPS:-2500}
-DIFFUSION_STEPS=${DIFFUSION_STEPS:-2000}
+# sizes; a CPU dry run of this script shrinks them through the environment
+DECODER_STEPS=${DECODER_STEPS:-2500} DECODER_BATCH=${DECODER_BATCH:-64} DECODER_BUDGET=${DECODER_BUDGET:-150}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-2000} DIFFUSION_BATCH=${DIFFUSION_BATCH:-128} DIFFUSION_BUDGET=${DIFFUSION_BUDGET:-270}
+EVAL_PROMPTS=${EVAL_PROMPTS:-128} PRECISION=${PRECISION:-bf16} BENCH_STEPS=${BENCH_STEPS:-30}
 mkdir -p "$OUT" "$RUN"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+if ! python3 -c "import datasets, evaluate" 2>/dev/null; then  # the GPU image lacks them
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 nvidia-smi -L | tee "$OUT/log.txt"
 python3 -c "import torch, transformers, accelerate, datasets, pyarrow; print(torch.__version__, transformers.__version__, accelerate.__version__, datasets.__version__, pyarrow.__version__)" 2>&1 | tee -a "$OUT/log.txt"
@@ -23,27 +27,41 @@ train() {  # name steps batch budget_s extra flags...
   timeout -s TERM "$budget" accelerate launch --config_file accelerate_config.yaml train_accelerate.py \
     --config config/train_config.yaml --dataset .gpu/pokesprite --text_encoder .gpu/minilm \
     --output_dir "$RUN/$name" --max_train_steps "$steps" --train_batch_size "$batch" --report_to tensorboard \
-    --checkpointing_steps 500 --validation_steps 500 --checkpoints_total_limit 1 "$@" 2>&1 | grep -v "Loading weights" | tail -n 25
+    --mixed_precision "$PRECISION" \
+    --checkpointing_steps 200 --validation_steps 500 --checkpoints_total_limit 1 "$@" 2>&1 | grep -v "Loading weights" | tail -n 25
   if [ ! -f "$RUN/$name/model.safetensors" ]; then
     accelerate launch --config_file accelerate_config.yaml train_accelerate.py --config config/train_config.yaml \
       --dataset .gpu/pokesprite --text_encoder .gpu/minilm --output_dir "$RUN/$name" --max_train_steps 1 \
       --report_to none --resume latest "$@" 2>&1 | tail -n 3
   fi
   echo "$name: $((SECONDS - start)) s wall" | tee -a "$OUT/log.txt"
+  pack
 }
 
-train decoder "$DECODER_STEPS" 64 150 --generator_type decoder --ema_decay 0 --lr_warmup_steps 100 2>&1 | tee -a "$OUT/log.txt"
-train diffusion "$DIFFUSION_STEPS" 128 270 --generator_type diffusion --ema_decay 0.999 --learning_rate 3e-4 2>&1 | tee -a "$OUT/log.txt"
+pack() {  # the tool brings back at most 8 files, 2 folders down: results travel as one archive, refreshed per stage
+  tar czf /tmp/results.tgz -C "$OUT" --exclude results.tgz . && cp /tmp/results.tgz "$OUT/results.tgz"
+}
 
+train decoder "$DECODER_STEPS" "$DECODER_BATCH" "$DECODER_BUDGET" --generator_type decoder --ema_decay 0 --lr_warmup_steps 100 2>&1 | tee -a "$OUT/log.txt"
+train diffusion "$DIFFUSION_STEPS" "$DIFFUSION_BATCH" "$DIFFUSION_BUDGET" --generator_type diffusion --ema_decay 0.995 --learning_rate 3e-4 2>&1 | tee -a "$OUT/log.txt"
+
+evaluate() {  # run name, results name, sampling flags...
+  local name=$1 result=$2; shift 2
+  python3 evaluate_model.py --model "$RUN/$name" --dataset .gpu/pokesprite --out "$OUT/$result" --num_prompts "$EVAL_PROMPTS" \
+    --new_descriptions docs/new_descriptions.txt "$@" 2>&1 | grep -v "Loading weights" | tail -n 30 | tee -a "$OUT/log.txt"
+  pack
+}
+evaluate decoder decoder
+evaluate diffusion diffusion
+# the sampler's variety knob: eta 1 adds fresh noise at every step (DDPM-like) instead of deterministic DDIM
+evaluate diffusion diffusion-eta1 --eta 1.0
 for name in decoder diffusion; do
-  python3 evaluate_model.py --model "$RUN/$name" --dataset .gpu/pokesprite --out "$OUT/$name" \
-    --new_descriptions docs/new_descriptions.txt 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
   cp "$RUN/$name/README.md" "$OUT/$name/model_card.md" 2>/dev/null
-  cp -r "$RUN/$name/logs" "$OUT/$name/" 2>/dev/null
+  cp -r "$RUN/$name/logs" "$RUN/$name/samples" "$OUT/$name/" 2>/dev/null
 done
 
-timeout 120 python3 benchmarks/bench_train.py --device cuda --synthetic-in-memory --text_encoder .gpu/minilm \
+[ "${BENCH:-1}" = 1 ] && timeout 150 python3 benchmarks/bench_train.py --synthetic-in-memory --text_encoder .gpu/minilm --steps "$BENCH_STEPS" ${BENCH_FLAGS:-} \
   --out "$OUT/bench_train.json" 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
 
-# the tool brings back at most 8 files, 2 folders down: pack the results
-tar czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz . && ls -la "$OUT"
+pack
+ls -la "$OUT"
