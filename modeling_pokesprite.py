@@ -296,6 +296,8 @@ class PokeSpriteUNet(nn.Module):
 
         self.norm_out = group_norm(self.base)
         self.conv_out = nn.Conv2d(self.base, config.num_channels, 3, padding=1)
+        # a zero output layer makes the untrained UNet predict v = 0, a calm start for the diffusion loss
+        self.conv_out.zero_init = True
 
     def forward(self, x, timesteps, tokens, mask, need_weights=False):
         embedding = self.time_mlp(timestep_embedding(timesteps, self.base)) + self.text_mlp(masked_mean(tokens, mask))
@@ -368,7 +370,8 @@ class PokeSpriteModel(PreTrainedModel):
     def _init_weights(self, module):
         # torch.nn.init calls here are guarded by transformers: weights loaded from a checkpoint are left alone.
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(module.weight)
+            # the flag sits on the layer itself: transformers skips modules without parameters of their own
+            (nn.init.zeros_ if getattr(module, "zero_init", False) else nn.init.xavier_uniform_)(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
@@ -376,11 +379,6 @@ class PokeSpriteModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.MultiheadAttention):
             module._reset_parameters()
-        elif isinstance(module, PokeSpriteUNet):
-            # children are initialised first, so this runs last: a zero output layer makes the untrained UNet
-            # predict v = 0, a calm start for the diffusion loss
-            nn.init.zeros_(module.conv_out.weight)
-            nn.init.zeros_(module.conv_out.bias)
         elif isinstance(module, PokeSpriteModel) and module.config.generator_type == "diffusion":
             nn.init.normal_(module.null_tokens, std=self.config.initializer_range)
 
@@ -465,14 +463,14 @@ class PokeSpriteModel(PreTrainedModel):
     def _decoder_forward(self, tokens, mask, noise, pixel_values, output_attentions):
         if noise is None:
             noise = torch.randn(tokens.shape[0], self.config.noise_dim, device=tokens.device, dtype=tokens.dtype)
-        regularise = pixel_values is not None and self.config.attention_weight > 0
+        c = self.config
+        regularise = pixel_values is not None and c.attention_weight > 0 and bool(c.cross_attention_resolutions)
         images, attentions = self.decoder(noise, tokens, mask, need_weights=output_attentions or regularise)
         output = PokeSpriteOutput(images=images, attentions=tuple(attentions) if output_attentions else None)
         if pixel_values is not None:
             error = images.float() - pixel_values
             l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
             attention = self.attention_loss(attentions, mask) if regularise else torch.zeros_like(l1)
-            c = self.config
             output.loss_per_sample = c.l1_weight * l1 + c.mse_weight * mse + c.attention_weight * attention
             output.loss = output.loss_per_sample.mean()
             output.l1_loss, output.mse_loss, output.attention_loss = l1.mean(), mse.mean(), attention.mean()
@@ -604,6 +602,17 @@ class PokeSpriteModel(PreTrainedModel):
         The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps` and `eta` apply to
         the diffusion generator and default to the config's.
         """
+        was_training = self.training
+        self.eval()  # dropout in the token transformer would make a seed give different sprites
+        try:
+            images = self._generate(prompts, input_ids, attention_mask, num_images_per_prompt, generator,
+                                    guidance_scale, num_inference_steps, eta)
+        finally:
+            self.train(was_training)
+        return images if output_type == "pt" else to_pil(images)
+
+    def _generate(self, prompts, input_ids, attention_mask, num_images_per_prompt, generator, guidance_scale,
+                  num_inference_steps, eta):
         if prompts is not None:
             input_ids, attention_mask = self.tokenize(prompts)
         if input_ids is None:
@@ -616,8 +625,7 @@ class PokeSpriteModel(PreTrainedModel):
             images, _ = self.decoder(noise.to(tokens.dtype), tokens, attention_mask.bool())
         else:
             images = self._sample(tokens, attention_mask.bool(), noise, generator, guidance_scale, num_inference_steps, eta).images
-        images = ((images.float() + 1) / 2).clamp(0, 1)
-        return images if output_type == "pt" else to_pil(images)
+        return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def to_pil(images):

@@ -20,8 +20,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
+# huggingface_hub reads this once, at import: uploads take the plain HTTP path (set it to 0 to use Xet)
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
@@ -519,27 +522,32 @@ model trained on them are for personal and research use.
 
 def push_to_hub(output_dir, repo_id, private=False):
     """Upload the final model folder (config, both .py files, weights, tokenizer, card, samples) to the Hub."""
-    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
     api = HfApi()
     repo_id = repo_id or f"{api.whoami()['name']}/{Path(output_dir).name}"
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, ignore_patterns=PUSH_IGNORE_PATTERNS,
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, ignore_patterns=list(PUSH_IGNORE_PATTERNS),  # upload_folder extends it in place
                       commit_message="Upload PokeSprite model")
     return repo_id
 
 
 def log_wandb_artifacts(accelerator, output_dir, best_checkpoint):
-    """The final model folder as a W&B model artifact; the best checkpoint by validation loss aliased 'best'."""
+    """The final model folder as a W&B model artifact; the best checkpoint by validation loss aliased 'best'.
+
+    Artifact names carry the run id, as the transformers and Lightning W&B integrations do: W&B allows only
+    letters, digits, '-', '_' and '.' in them, which a free-text experiment name need not keep to, and the runs of
+    a sweep, which share the experiment name, must not take one another's 'best' alias.
+    """
     import wandb
 
     run = accelerator.get_tracker("wandb", unwrap=True)
-    model = wandb.Artifact(f"{run.name or 'pokesprite'}-model", type="model")
+    model = wandb.Artifact(f"pokesprite-{run.id}", type="model")
     for path in Path(output_dir).iterdir():
         if path.is_file():
             model.add_file(str(path))
     run.log_artifact(model, aliases=["latest", "final"])
     if best_checkpoint is not None and best_checkpoint.exists():
-        best = wandb.Artifact(f"{run.name or 'pokesprite'}-checkpoint", type="model")
+        state = json.loads((best_checkpoint / "trainer_state.json").read_text())
+        best = wandb.Artifact(f"pokesprite-checkpoint-{run.id}", type="model", metadata=state["best"])
         best.add_dir(str(best_checkpoint))
         run.log_artifact(best, aliases=["best"])
 
@@ -592,6 +600,8 @@ def main(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    # null in the YAML: the precision accelerate launch was given (accelerate_config.yaml: bf16); record what runs
+    train_cfg["mixed_precision"] = accelerator.mixed_precision
 
     if args.data_stats:  # the same report as `prepare_dataset.py --stats`, with the tokenizer training will use
         from prepare_dataset import DatasetError, dataset_stats, load_tokenizer
@@ -619,6 +629,9 @@ def main(args):
         model = PokeSpriteModel.from_text_encoder(text_encoder, **model_kwargs(cfg))
     except OSError as e:  # a folder with a config and a tokenizer but no weights
         raise PreflightError(f"text encoder {text_encoder!r} does not load: {str(e).splitlines()[0]}")
+    # from here on each process draws its own noise, flips and shifts: with one seed everywhere, sample i of every
+    # process would get the same noise (and, for diffusion, the same timestep)
+    set_seed(train_cfg["seed"], device_specific=True)
     tokenizer = model.tokenizer
     config = model.config
     if args.channels_last:
@@ -757,7 +770,10 @@ def main(args):
                 progress.update(1)
 
                 if global_step % train_cfg["logging_steps"] == 0 or global_step == max_steps:
-                    logs = {f"train/{k}": v.item() / counted for k, v in sums.items()}
+                    # each process trained on its own batches: log the mean over all of them, not the main one's
+                    names = sorted(sums)
+                    means = accelerator.reduce(torch.stack([sums[k] for k in names]), "mean") / counted
+                    logs = {f"train/{k}": v.item() for k, v in zip(names, means)}
                     images = counted * batch_size * accelerator.num_processes
                     logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_sec": images / busy, "epoch": epoch})
                     accelerator.log(logs, step=global_step)

@@ -272,8 +272,6 @@ def test_two_processes_of_4_train_like_one_process_of_8(two_processes, one_proce
         assert scalars(two_out, tag) == pytest.approx(scalars(one_out, tag), rel=1e-5), tag
 
 
-@pytest.mark.xfail(strict=True, reason="train/loss is rank 0's local mean; fix: reduce the sums across processes "
-                                       "before logging (issue 7 report). Remove this marker with that fix.")
 def test_logged_train_loss_is_the_mean_over_every_process(two_processes, one_process):
     two, one = scalars(two_processes[0], "train/loss"), scalars(one_process[0], "train/loss")
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
@@ -345,8 +343,6 @@ def test_checkpoint_holds_every_ranks_rng_state_when_a_rank_is_late(tmp_path, sy
     assert (output_dir / "checkpoint-1" / "random_states_1.pkl").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="set_seed(seed) on every rank gives every rank the same noise stream; "
-                                       "fix: reseed device_specific after building the model (issue 7 report). Remove this marker with that fix.")
 def test_each_rank_draws_its_own_noise(two_processes):
     """The global RNG at the first training step, where the decoder draws noise (and diffusion its timesteps):
     identical on both ranks means sample i of rank 0 and sample i of rank 1 get the same noise."""

@@ -318,11 +318,6 @@ def test_a_fresh_diffusion_model_starts_from_a_learned_null_prompt():
     assert model.null_tokens.detach().std() == pytest.approx(model.config.initializer_range, rel=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: transformers skips _init_weights for a custom-code module with no direct parameters "
-    "(PokeSpriteUNet), so conv_out keeps its xavier init; see the report on issue 3",
-)
 def test_a_fresh_unet_predicts_zero_velocity():
     model = PokeSpriteModel(tiny_config("diffusion"))
     assert torch.all(model.unet.conv_out.weight == 0) and torch.all(model.unet.conv_out.bias == 0)

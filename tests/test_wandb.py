@@ -206,8 +206,6 @@ def test_logged_config_holds_no_token(wandb_run):
                 assert secret.encode() not in content, f"{name} leaked into {path}"
 
 
-@pytest.mark.xfail(strict=True, reason="train_accelerate.log_wandb_artifacts names artifacts after the run name, "
-                   "which may hold characters W&B refuses in artifact names; patch proposed (issue 9 report)")
 def test_artifacts_are_logged_whatever_the_experiment_name(tmp_path, monkeypatch):
     """--experiment-name is free text (it is also the W&B project and run name); the artifacts must not depend on it."""
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DATA_DIR": str(tmp_path / "data"),
