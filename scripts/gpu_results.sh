@@ -15,6 +15,10 @@ mkdir -p "$OUT" "$RUN"
 if ! python3 -c "import datasets, evaluate" 2>/dev/null; then  # the GPU image lacks them
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 fi
+# the GPU image's transformers (5.17) predates SubConfigSpec: carry 5.24, trimmed to the bert/auto models (2 MB)
+if ! python3 -c "from transformers.configuration_utils import SubConfigSpec" 2>/dev/null; then
+  mkdir -p /tmp/site && tar xzf .gpu/transformers-5.24-trimmed.tgz -C /tmp/site || exit 1
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 nvidia-smi -L | tee "$OUT/log.txt"
 python3 -c "import torch, transformers, accelerate, datasets, pyarrow; print(torch.__version__, transformers.__version__, accelerate.__version__, datasets.__version__, pyarrow.__version__)" 2>&1 | tee -a "$OUT/log.txt"
