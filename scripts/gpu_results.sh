@@ -2,7 +2,9 @@
 # Issue 5/7 results on one GPU, inside one device session: train both generator types on the shared Pokémon data
 # with the project's own trainer, evaluate them, and benchmark the training step. Everything it needs travels in
 # .gpu/ (prepared dataset, MiniLM in fp16, wheels the GPU image lacks):
-#   prepare:  python prepare_dataset.py --csv ../shared/pokemon/pokemon.csv --images ../shared/pokemon/small_images --output .gpu/pokesprite
+#   prepare:  trimmed transformers 5.24 (models/bert, auto, align, encoder_decoder) as .gpu/transformers-5.24-trimmed.tgz,
+#             MiniLM saved in fp16 as .gpu/minilm, wheels of datasets/dill/multiprocess/evaluate/fsspec in .gpu/whl,
+#             python prepare_dataset.py --csv ../shared/pokemon/pokemon.csv --images ../shared/pokemon/small_images --output .gpu/pokesprite
 #   run:      bash scripts/gpu_results.sh   (writes results under $OUT)
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
@@ -18,6 +20,8 @@ fi
 # the GPU image's transformers (5.17) predates SubConfigSpec: carry 5.24, trimmed to the bert/auto models (2 MB)
 if ! python3 -c "from transformers.configuration_utils import SubConfigSpec" 2>/dev/null; then
   mkdir -p /tmp/site && tar xzf .gpu/transformers-5.24-trimmed.tgz -C /tmp/site || exit 1
+  # the image's peft imports model classes the trimmed copy leaves out; nothing here uses peft
+  sed -i 's/    return _is_package_available("peft")\[0\]/    return False/' /tmp/site/transformers/utils/import_utils.py
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 nvidia-smi -L | tee "$OUT/log.txt"
