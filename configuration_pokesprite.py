@@ -99,6 +99,17 @@ class PokeSpriteConfig(PretrainedConfig):
         bad = [r for r in self.cross_attention_resolutions if r not in [4 * 2**i for i in range(n_up)]]
         if bad:
             raise ValueError(f"cross_attention_resolutions {bad} are not decoder resolutions below {self.image_size}")
+        # every attention splits its feature map's channels among nhead heads; the decoder halves its channels
+        # at each doubling, from base_channels at 4 px
+        if self.base_channels < self.image_size:
+            raise ValueError(f"base_channels ({self.base_channels}) must be at least image_size ({self.image_size}): the channels halve at every doubling")
+        for r in self.cross_attention_resolutions:
+            if (self.base_channels * 4 // r) % self.nhead:
+                raise ValueError(f"the decoder has {self.base_channels * 4 // r} channels at {r} px, not a multiple of nhead ({self.nhead})")
+        unet_sizes = [self.image_size >> i for i in range(len(self.unet_channels))]
+        for r, c in zip(unet_sizes, self.unet_channels):
+            if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.nhead:
+                raise ValueError(f"the UNet has {c} channels at {r} px, where it attends, not a multiple of nhead ({self.nhead})")
         # json gives lists back; keep one type so saved and loaded configs compare equal
         self.cross_attention_resolutions = list(self.cross_attention_resolutions)
         self.unet_channels = list(self.unet_channels)

@@ -433,3 +433,18 @@ def test_automodel_in_a_fresh_process_generates_the_same_sprites(round_trip, gen
     expected = model.generate([ROUND_TRIP_PROMPT], generator=seeded(ROUND_TRIP_SEED))
     assert torch.equal(reloaded["images"], expected)
     assert torch.equal(reloaded["images_by_prompt"], expected)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(base_channels=96), "not a multiple of nhead"),
+        (dict(base_channels=32), "must be at least image_size"),
+        (dict(generator_type="diffusion", unet_channels=[16, 20]), "not a multiple of nhead"),
+        (dict(hidden_dim=250), "divisible by nhead"),
+        (dict(cross_attention_resolutions=[12]), "not decoder resolutions"),
+    ],
+)
+def test_a_config_whose_attention_shapes_cannot_work_is_refused_when_built(bad, message):
+    with pytest.raises(ValueError, match=message):
+        PokeSpriteConfig(**bad)
