@@ -10,7 +10,6 @@ final parameters, its RNG state), and then calls `train_accelerate.cli` with the
 unchanged. The model is a tiny decoder built from config/train_config.yaml with small sizes; the data is the
 64-creature synthetic dataset (51 train / 13 validation rows) from conftest.py.
 """
-import json
 import os
 import socket
 import subprocess
@@ -262,7 +261,7 @@ def test_two_processes_of_4_train_like_one_process_of_8(two_processes, one_proce
     far more. With randomness on, exact agreement is impossible by construction: noise and dropout masks are drawn
     per process, so 2 x 4 and 1 x 8 train on different noise.
     """
-    (two_out, two_records), (one_out, one_records) = two_processes, one_process
+    (two_out, _), (one_out, _) = two_processes, one_process
     two, one = scalars(two_out, "val/loss"), scalars(one_out, "val/loss")
     assert sorted(two) == sorted(one) and set(VALIDATED_AT) <= set(two)
     for step in two:
