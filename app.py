@@ -53,13 +53,10 @@ def build_demo(model):
             gr.Warning(f"The description is {n_tokens} tokens long; the model reads the first {config.max_text_length}, "
                        f"so it ignores: {dropped!r}")
         seed = int(seed or 0)
-        if diffusion:
-            # the sampling default, so that the attention sprite is sampled the same way; the queue runs one
-            # request at a time, so requests do not see each other's value
-            config.guidance_scale = float(guidance_scale)
+        sampling = {"guidance_scale": float(guidance_scale)} if diffusion else {}  # the same for the attention sprite
         sprites = model.generate([prompt], num_images_per_prompt=int(num), generator=torch.Generator().manual_seed(seed),
-                                 output_type="pil")
-        attention = attention_for_prompt(model, prompt, seed=seed, tokenizer=tokenizer)
+                                 output_type="pil", **sampling)
+        attention = attention_for_prompt(model, prompt, seed=seed, tokenizer=tokenizer, **sampling)
         words = attention[2]
         choices = [("all words", ALL_WORDS)] + [(word, i) for i, word in enumerate(words)]
         return (sprites, attention, gr.Dropdown(choices=choices, value=ALL_WORDS, interactive=True),
@@ -91,7 +88,7 @@ def build_demo(model):
         heatmap = gr.Image(label="Attention", format="png", type="pil", interactive=False, elem_id="attention")
         attention = gr.State()
 
-        # one event for the button and the Enter key, so that requests queue one at a time (see make_sprites)
+        # one event for the button and the Enter key
         gr.on([button.click, prompt.submit], make_sprites, [prompt, num, seed, guidance], [gallery, attention, word, heatmap])
         word.change(show_word, [word, attention], heatmap)
     return demo

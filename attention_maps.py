@@ -77,25 +77,26 @@ def attention_figure(sprite, heatmaps, words, scale=2):
 
 
 @torch.no_grad()
-def attention_for_prompt(model, prompt, seed=0, tokenizer=None):
+def attention_for_prompt(model, prompt, seed=0, tokenizer=None, **sampling):
     """Generate one sprite for `prompt` and return (sprite in [0, 1], per-token heatmaps, words).
 
     Uses `model(..., output_attentions=True)`, so it works for both generator types: the decoder's attention in
-    its one pass, the diffusion UNet's averaged over the sampling steps.
+    its one pass, the diffusion UNet's averaged over the sampling steps. `sampling` (guidance_scale,
+    num_inference_steps, eta) goes to the diffusion sampler, as in `model.generate`.
     """
     tokenizer = tokenizer or model.tokenizer
     batch = tokenizer([prompt], padding="max_length", truncation=True, max_length=model.config.max_text_length, return_tensors="pt")
     input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     noise = model.make_noise(1, torch.Generator().manual_seed(seed))
-    output = model(input_ids, attention_mask, noise=noise, output_attentions=True)
+    output = model(input_ids, attention_mask, noise=noise, output_attentions=True, **sampling)
     sprite = ((output.images[0].float() + 1) / 2).clamp(0, 1)
     words = words_of(tokenizer, input_ids[0], attention_mask[0])
     heatmaps = token_heatmaps(output.attentions, model.config.image_size)[0, : len(words)]
     return sprite, heatmaps, words
 
 
-def save_attention_maps(model, prompt, path, seed=0, tokenizer=None):
+def save_attention_maps(model, prompt, path, seed=0, tokenizer=None, **sampling):
     """Write the attention figure of `prompt` to `path` (PNG); returns the words, one panel each after the sprite."""
-    sprite, heatmaps, words = attention_for_prompt(model, prompt, seed, tokenizer)
+    sprite, heatmaps, words = attention_for_prompt(model, prompt, seed, tokenizer, **sampling)
     attention_figure(sprite, heatmaps, words).save(path)
     return words

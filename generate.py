@@ -197,12 +197,10 @@ def main(argv=None):
     tokenizer = model.tokenizer
     for prompt, where in prompts:
         check_prompt(tokenizer, prompt, where, model.config.max_text_length)
+    # the sprites and the attention figure are sampled the same way; None: the model's config says
+    sampling = {}
     if model.config.generator_type == "diffusion":
-        # set on the config, the sampling defaults, so that the attention figure samples the same way
-        if args.guidance_scale is not None:
-            model.config.guidance_scale = args.guidance_scale
-        if args.steps is not None:
-            model.config.num_inference_steps = args.steps
+        sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
     elif args.guidance_scale is not None or args.steps is not None:
         print("warning: --guidance-scale and --steps apply to diffusion models; this is a decoder model, so they are ignored",
               file=sys.stderr)
@@ -212,7 +210,7 @@ def main(argv=None):
     for (prompt, _), slug in zip(prompts, unique_slugs([p for p, _ in prompts])):
         # a fresh generator per prompt: its sprites do not depend on the other prompts of the run
         generator = torch.Generator().manual_seed(args.seed)
-        sprites = model.generate([prompt], num_images_per_prompt=args.num, generator=generator).cpu()
+        sprites = model.generate([prompt], num_images_per_prompt=args.num, generator=generator, **sampling).cpu()
         for i, sprite in enumerate(sprites):
             path = out / f"{slug}-{i:0{width}d}.png"
             to_pil_image((sprite * 255).round().to(torch.uint8)).save(path)
@@ -221,7 +219,7 @@ def main(argv=None):
         print(f"{prompt!r}: {args.num} sprites -> {out / slug}-*.png")
         if args.attention:
             path = out / f"{slug}-attention.png"
-            words = save_attention_maps(model, prompt, path, seed=args.seed, tokenizer=tokenizer)
+            words = save_attention_maps(model, prompt, path, seed=args.seed, tokenizer=tokenizer, **sampling)
             written.append(path)
             print(f"  attention over {len(words)} tokens -> {path}")
     path = out / "grid.png"

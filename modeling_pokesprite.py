@@ -131,7 +131,7 @@ class PokeSpriteCrossAttention(nn.Module):
         k, v = heads(self.to_k(tokens)), heads(self.to_v(tokens))
         keep = mask[:, None, None, :].bool()
         if need_weights:  # the explicit form, for the weights; the fused kernel below never materialises them
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # scale q, not the larger score matrix
             weights = scores.float().masked_fill(~keep, float("-inf")).softmax(-1)
             out = weights.to(v.dtype) @ v
             weights = weights.mean(1)
@@ -432,6 +432,9 @@ class PokeSpriteModel(PreTrainedModel):
         output_attentions=False,
         generator=None,
         bert_hidden_states=None,
+        guidance_scale=None,
+        num_inference_steps=None,
+        eta=None,
         return_dict=True,
     ):
         r"""
@@ -447,6 +450,7 @@ class PokeSpriteModel(PreTrainedModel):
         bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
             output for `input_ids`, computed once in advance. A frozen BERT gives the same features every epoch, so
             the trainer caches them instead of running BERT at every step.
+        guidance_scale, num_inference_steps, eta (diffusion sampling only): as in `generate`; the config's by default.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -457,7 +461,7 @@ class PokeSpriteModel(PreTrainedModel):
         elif pixel_values is not None:
             output = self._diffusion_loss(tokens, mask, pixel_values, noise, timesteps, output_attentions)
         else:
-            output = self._sample(tokens, mask, noise, generator, output_attentions=output_attentions)
+            output = self._sample(tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, output_attentions)
         return output if return_dict else output.to_tuple()
 
     def _decoder_forward(self, tokens, mask, noise, pixel_values, output_attentions):

