@@ -285,3 +285,29 @@ def test_missing_dataset_says_how_to_make_one_and_exits_nonzero(flags, tmp_path,
     assert str(missing) in message
     assert f"python prepare_dataset.py --csv data/pokemon.csv --images data/small_images --output {missing}" in message
     assert f"--synthetic 512 --output {missing}" in message
+
+
+def test_captions_are_padded_to_the_longest_one_which_changes_no_output():
+    """split_to_tensors pads to the split's longest caption (cheaper than max_text_length): padding is masked, so the
+    sprites and the loss are the ones the fully padded captions give."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = PokeSpriteModel.from_text_encoder(
+        str(MINILM), generator_type="decoder", hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=32,
+        base_channels=64, noise_dim=8, text_embedding_dim=32,
+    ).eval()
+    captions = ["a red cat", "a small blue turtle with a hard shell and a curly tail"]
+    sprites = [Image.new("RGBA", (64, 64), colour) for colour in ("red", "blue")]
+    tensors = train_accelerate.split_to_tensors({"image": sprites, "text": captions}, model.tokenizer, model.config)
+    longest = len(model.tokenizer(captions[1])["input_ids"])
+    assert tensors["input_ids"].shape == (2, longest) and longest < model.config.max_text_length
+    full = model.tokenizer(captions, padding="max_length", max_length=model.config.max_text_length, return_tensors="pt")
+
+    pixels = tensors["pixels"].float() / 127.5 - 1
+    noise = torch.randn(2, model.config.noise_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        short = model(tensors["input_ids"], tensors["attention_mask"], noise=noise, pixel_values=pixels)
+        padded = model(full["input_ids"], full["attention_mask"], noise=noise, pixel_values=pixels)
+    torch.testing.assert_close(short.images, padded.images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(short.loss, padded.loss, atol=1e-5, rtol=0)
