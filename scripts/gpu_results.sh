@@ -68,7 +68,7 @@ for name in decoder diffusion; do
   cp -r "$RUN/$name/logs" "$RUN/$name/samples" "$OUT/$name/" 2>/dev/null
 done
 
-[ "${BENCH:-1}" = 1 ] && timeout 150 python3 benchmarks/bench_train.py --synthetic-in-memory --text_encoder .gpu/minilm --steps "$BENCH_STEPS" ${BENCH_FLAGS:-} \
+[ "${BENCH:-1}" = 1 ] && timeout 150 python3 benchmarks/bench_train.py --text_encoder .gpu/minilm --steps "$BENCH_STEPS" ${BENCH_FLAGS:-} \
   --out "$OUT/bench_train.json" 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
 
 pack
