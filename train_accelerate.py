@@ -327,7 +327,8 @@ def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, kee
     accelerator.wait_for_everyone()  # save_state does not wait: every RNG file must be there before the marker
     if accelerator.is_main_process:
         if ema is not None:
-            save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+            # safetensors stores contiguous tensors only; channels-last conv weights are not
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         for path in tmp.iterdir():
             fsync(path)
