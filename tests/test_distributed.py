@@ -82,9 +82,10 @@ def end_training_with_records(self):
     """Each rank's trained parameters (and EMA copy), as training ends."""
     model = self.unwrap_model(self._models[0])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    tensors = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if n in names}
+    # contiguous: the trainer keeps conv weights channels-last on CPU, and safetensors stores contiguous tensors
+    tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters() if n in names}
     for ema in RecordedEMA.instances:
-        tensors.update({f"ema.{n}": p.detach().clone() for n, p in ema.module.named_parameters() if n in names})
+        tensors.update({f"ema.{n}": p.detach().contiguous() for n, p in ema.module.named_parameters() if n in names})
     save_file(tensors, str(RECORD / f"params-rank{self.process_index}.safetensors"))
     end_training(self)
 
