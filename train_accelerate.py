@@ -643,7 +643,8 @@ def main(args):
     config = model.config
     # channels-last on CPU: the decoder's step was faster in it in five runs of six, by up to 1.35x (BENCHMARKS.md).
     # Not the GPU default: unmeasured there, and GroupNorm's CUDA kernel has converted it to NCHW (pytorch#111824)
-    if accelerator.device.type == "cpu" if args.channels_last is None else args.channels_last:
+    channels_last = accelerator.device.type == "cpu" if args.channels_last is None else args.channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     # the whole dataset lives on the device as tensors: no per-step decoding, no DataLoader workers
