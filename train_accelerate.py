@@ -249,6 +249,16 @@ def split_to_tensors(split, tokenizer, config):
     return {"pixels": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
+def use_channels_last(device, requested=None):
+    """--channels_last when given; otherwise on for CPU only.
+
+    On CPU the decoder's step was faster in channels-last in five benchmark runs of six, by up to 1.35x
+    (BENCHMARKS.md). Not the GPU default: unmeasured there, and GroupNorm's CUDA kernel has converted it to NCHW
+    (pytorch#111824).
+    """
+    return device.type == "cpu" if requested is None else requested
+
+
 def augment(pixels, hflip, max_shift, background):
     """uint8 sprites on the device -> floats in [-1, 1], each flipped and shifted by whole pixels at random.
 
@@ -641,10 +651,7 @@ def main(args):
     set_seed(train_cfg["seed"], device_specific=True)
     tokenizer = model.tokenizer
     config = model.config
-    # channels-last on CPU: the decoder's step was faster in it in five runs of six, by up to 1.35x (BENCHMARKS.md).
-    # Not the GPU default: unmeasured there, and GroupNorm's CUDA kernel has converted it to NCHW (pytorch#111824)
-    channels_last = accelerator.device.type == "cpu" if args.channels_last is None else args.channels_last
-    if channels_last:
+    if use_channels_last(accelerator.device, args.channels_last):
         model = model.to(memory_format=torch.channels_last)
 
     # the whole dataset lives on the device as tensors: no per-step decoding, no DataLoader workers

@@ -183,11 +183,10 @@ def build_model(cfg, text_encoder, device):
 def measure_training(args, mode, cfg, device):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from train_accelerate import augment, split_to_tensors
+    from train_accelerate import augment, split_to_tensors, use_channels_last
 
     data, bf16, channels_last, compile_mode = MODES[mode]
-    if channels_last is None:
-        channels_last = device.type == "cpu"
+    channels_last = use_channels_last(device, channels_last)
     train_cfg, data_cfg = cfg["training"], cfg["data"]
     torch.manual_seed(0)
     model, note = build_model(cfg, args.text_encoder, device)
