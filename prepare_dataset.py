@@ -23,6 +23,7 @@ and users describe creatures that have no name yet. Colour and shape are what a 
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ import statistics
 import string
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,6 @@ from urllib.parse import urlparse
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from datasets import Dataset, DatasetDict, Features, Value, load_from_disk  # noqa: E402
 from datasets import Image as ImageFeature  # noqa: E402
 from PIL import Image, ImageDraw, ImageOps  # noqa: E402
@@ -228,21 +229,86 @@ def make_caption(template, row):
 
 # images
 
+# Limits on a source sprite, checked from the PNG header before any pixel is decoded. A 4096x4096 RGBA image takes
+# 64 MiB while it is converted; a 12000x12000 one (a 140 KB file) would take 1.4 GB and seconds, to be shrunk
+# to 64x64 anyway. A sprite more than 4 times wider than tall (or taller than wide) would be a thin strip in
+# the square sprite, e.g. a 4000x1 image becomes a 64x0 line: nothing left to learn from.
+MAX_SPRITE_SIDE = 4096
+MAX_SPRITE_PIXELS = MAX_SPRITE_SIDE * MAX_SPRITE_SIDE
+MAX_ASPECT_RATIO = 4
+
+
+class ImageRejected(DatasetError):
+    """A sprite that is skipped (or fails --strict) for a reason of its own kind, e.g. "image too large"."""
+
+    def __init__(self, message, kind="bad image"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def to_rgba(im):
+    """Any Pillow mode to 8-bit RGBA, scaling high bit depths instead of clipping them.
+
+    Pillow's own convert("RGBA") clips 16/32-bit grey at 255 (a 0..65535 gradient turns almost white), so:
+    I;16* and I (what 16-bit grey PNGs decode to) are 16-bit samples, 65535 -> 255 (v / 257, rounded; a
+    16-bit tRNS grey value becomes transparent); F is Pillow's float grey on the L scale (0..255), clipped.
+    Every other mode (1, L, LA, P, PA with tRNS, RGB, RGBA, CMYK, ...) goes through Pillow's convert."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im).astype(np.float64)
+        grey = np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)
+    elif im.mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    else:
+        return im.convert("RGBA")
+    alpha = np.full(grey.shape, 255, dtype=np.uint8)
+    transparency = im.info.get("transparency")
+    if isinstance(transparency, (int, float)):
+        alpha[values == transparency] = 0
+    return Image.fromarray(np.dstack([grey, grey, grey, alpha]), "RGBA")
+
+
+def _check_dimensions(path, width, height, size):
+    if width * height > MAX_SPRITE_PIXELS:
+        raise ImageRejected(f"{path} is {width}x{height} ({width * height:,} pixels); sprites are limited to "
+                            f"{MAX_SPRITE_PIXELS:,} pixels ({MAX_SPRITE_SIDE}x{MAX_SPRITE_SIDE}): shrink it first", "image too large")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        scale = min(size / width, size / height)
+        raise ImageRejected(f"{path} is {width}x{height}: beyond the {MAX_ASPECT_RATIO}:1 aspect ratio limit, "
+                            f"it would fill only {round(width * scale)}x{round(height * scale)} of the "
+                            f"{size}x{size} sprite", "extreme aspect ratio")
+
+
 def load_sprite(path, size=64):
     """Decode any PNG, convert to RGBA (opaque alpha if it had none), fit into size x size.
 
-    Returns (png_bytes, original_mode, (width, height)). Raises DatasetError for unreadable files."""
+    The size is checked from the header before decoding (MAX_SPRITE_PIXELS, MAX_ASPECT_RATIO); 16-bit
+    images are scaled to 8 bits (to_rgba). Returns (png_bytes, original_mode, (width, height)).
+    Raises DatasetError (an ImageRejected with its `kind`) for files that cannot make a sprite."""
     try:
         data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # Pillow warns about 89M+ pixel images on open; we refuse them below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             if im.format != "PNG":
                 raise DatasetError(f"{path} is a {im.format} file, not a PNG")
-            mode, original = im.mode, im.size
-            rgba = im.convert("RGBA")  # palette/L/LA/RGB, including tRNS transparency; decodes fully
+            mode, original = im.mode, im.size  # from the header: nothing is decoded yet
+            _check_dimensions(path, *original, size)
+            if mode == "RGB" and data[24:26] == b"\x10\x02" and "transparency" in im.info:
+                # 16-bit RGB with a tRNS colour key: Pillow keeps the top 8 bits and drops the key, so the
+                # background would come out opaque.
+                raise ImageRejected(f"{path} is 16-bit RGB with a transparent colour (tRNS), which Pillow "
+                                    "cannot apply; re-save it with an alpha channel", "unsupported image")
+            rgba = to_rgba(im)  # palette/L/LA/RGB, including tRNS transparency; decodes fully
     except DatasetError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(f"{path} is too large to open ({e})", "image too large") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path} cannot be read as an image ({e})") from None
+    if rgba.getchannel("A").getextrema()[1] == 0:
+        raise ImageRejected(f"{path} is blank: every pixel is fully transparent", "blank image")
     if mode == "RGBA" and original == (size, size):
         return data, mode, original  # already what we store: keep the exact bytes (and skip a slow re-encode)
     if original != (size, size):
@@ -318,7 +384,7 @@ def build_dataset(csv_path, images_dir, *, val_split=0.2, seed=42, image_size=64
         try:
             png, mode, original = load_sprite(path, image_size)
         except DatasetError as e:
-            report.skip("bad image", f"{where} ({number}): {e}")
+            report.skip(getattr(e, "kind", "bad image"), f"{where} ({number}): {e}")
             continue
         report.image_modes[mode] += 1
         report.image_sizes["x".join(map(str, original))] += 1
@@ -335,7 +401,8 @@ def build_dataset(csv_path, images_dir, *, val_split=0.2, seed=42, image_size=64
         raise DatasetError(f"{csv_path}: no usable rows ({len(report.skipped)} skipped)")
 
     extras = [c for c in columns if c not in REQUIRED_COLUMNS]
-    features = Features({"image": ImageFeature(), "text": Value("string"),
+    # Every stored sprite is 4-channel: declare it, so the Hub viewer and `load_dataset` decode RGBA.
+    features = Features({"image": ImageFeature(mode="RGBA"), "text": Value("string"),
                          **{c: Value("string") for c in REQUIRED_COLUMNS},
                          **{c: infer_feature(c, [row[c] for row, _, _ in kept]) for c in extras}})
     data = {"image": [{"bytes": png, "path": None} for _, _, png in kept],
@@ -359,12 +426,101 @@ def check_output(output, overwrite=False):
                            "refusing to replace it even with --overwrite")
 
 
+def check_writable(output):
+    """Fail before any work, naming the path, if `output` could not be written: its temporary folder is made
+    next to it, so a folder is created and removed in its nearest existing parent (a real write, which also
+    catches read-only file systems and a file where a folder should be)."""
+    output = Path(output)
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DatasetError(f"cannot write --output_dir {output}: {parent} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=parent))
+    except OSError as e:
+        raise DatasetError(f"cannot write --output_dir {output}: {e.strerror or e} ({parent})") from None
+
+
+def _temp_name(output):
+    """Temporary folders of `output` are named .<name>.tmp-<pid>-<random>[-old]; the pid says whose they are."""
+    return re.compile(rf"\.{re.escape(Path(output).name)}\.tmp-(?:(\d+)-)?[^/]+")
+
+
+def _process_alive(pid):
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive, touch nothing
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:  # too large to be a pid
+        return False
+    return True
+
+
+def _is_complete_dataset(folder):
+    """dataset_dict.json and, for each split it lists, state.json, dataset_info.json and every data file."""
+    try:
+        for split in json.loads((folder / "dataset_dict.json").read_text())["splits"]:
+            state = json.loads((folder / split / "state.json").read_text())
+            files = [folder / split / "dataset_info.json"] + [folder / split / f["filename"] for f in state["_data_files"]]
+            if not all(f.is_file() for f in files):
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def recover_output(output):
+    """Clean up after runs that were killed while saving `output`; returns the lines it logged as warnings.
+
+    A kill between --overwrite's two renames leaves no `output`, the previous dataset in
+    `.<name>.tmp-<pid>-<random>-old` and the new one in `.<name>.tmp-<pid>-<random>`: the previous one is
+    renamed back (the newest complete one, if several). Every other temporary folder of a process that is no
+    longer running (a kill while writing, a kill while deleting the old dataset, folders of older versions
+    without a pid) is deleted. Folders of a live process (a run writing now) are left alone."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        return []
+    pattern, stale = _temp_name(output), []
+    for path in output.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not (match[1] and _process_alive(int(match[1]))):
+            stale.append(path)
+    messages = []
+    if not output.exists() and not output.is_symlink():
+        olds = [p for p in stale if p.name.endswith("-old") and _is_complete_dataset(p)]
+        if olds:
+            old = max(olds, key=lambda p: p.stat().st_mtime)
+            old.rename(output)
+            stale.remove(old)
+            messages.append(f"restored {output} from {old.name}: an --overwrite run was killed between its two "
+                            "renames; the dataset that run wrote was not in place and is discarded")
+    for path in sorted(stale):
+        shutil.rmtree(path, ignore_errors=True)
+        messages.append(f"{'could not remove' if path.exists() else 'removed'} {path}, left by an interrupted run")
+    for message in messages:
+        logger.warning(message)
+    return messages
+
+
+def preflight_output(output, overwrite=False):
+    """Before any work: the output can be written, leftovers of killed runs are recovered, nothing is clobbered."""
+    check_writable(output)
+    recover_output(output)
+    check_output(output, overwrite)
+
+
 def save_dataset(dataset_dict, output, *, overwrite=False, card=None):
     """Write into a temporary folder next to `output`, then rename: never a half-written output."""
     output = Path(output)
+    recover_output(output)
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the output gets the usual permissions
@@ -392,9 +548,9 @@ def save_dataset(dataset_dict, output, *, overwrite=False, card=None):
 
 def prepare(csv_path, images_dir, output, *, overwrite=False, **build_kwargs):
     """build_dataset + dataset_card + save_dataset. Returns (DatasetDict, PrepareReport)."""
-    check_output(output, overwrite)  # fail before the slow part
+    preflight_output(output, overwrite)  # fail before the slow part
     dataset_dict, report = build_dataset(csv_path, images_dir, **build_kwargs)
-    card = dataset_card(dataset_dict, source=Path(csv_path).name, report=report)
+    card = dataset_card(dataset_dict, source=Path(csv_path).name, images=Path(images_dir).name, report=report)
     save_dataset(dataset_dict, output, overwrite=overwrite, card=card)
     return dataset_dict, report
 
@@ -590,14 +746,23 @@ COLUMN_DOCS = {"image": "64x64 RGBA sprite (PNG, transparent background)",
                "english_name": "name (not used in the default caption)", "description": "Pokédex entry"}
 
 
-def dataset_card(dataset_dict, *, source="", report=None, synthetic=False, repo_id=None):
-    """README.md with Hub YAML metadata, columns, provenance and the licence note."""
+POKEMON_LICENSE_NAME = "pokemon-fan-content"  # the Hub's `license: other` needs a name for the licence
+
+
+def dataset_card(dataset_dict, *, source="", images="", report=None, synthetic=False, repo_id=None):
+    """README.md (a str) built with huggingface_hub's DatasetCard: Hub metadata, columns, provenance, licence.
+
+    Licences: synthetic creatures are made by this project's code and share its licence (MIT); Pokémon data is
+    `license: other` with `license_name: pokemon-fan-content`, explained in the card. `source` and `images` are
+    shown by their bare names only: a local absolute path says nothing to a reader and leaks the machine's layout."""
+    from huggingface_hub import DatasetCard, DatasetCardData
     total = sum(len(ds) for ds in dataset_dict.values())
     size = next(c for limit, c in ((1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (float("inf"), "n>100K"))
                 if total < limit)
-    meta = {"license": "cc0-1.0" if synthetic else "other", "pretty_name": "PokeSprite" + (" (synthetic)" if synthetic else ""),
-            "language": ["en"], "task_categories": ["text-to-image"], "size_categories": [size],
-            "tags": ["pokemon", "sprites", "pixel-art", "rgba"] + (["synthetic"] if synthetic else [])}
+    licence_fields = {"license": "mit"} if synthetic else {"license": "other", "license_name": POKEMON_LICENSE_NAME}
+    data = DatasetCardData(**licence_fields, pretty_name="PokeSprite" + (" (synthetic)" if synthetic else ""),
+                           language=["en"], task_categories=["text-to-image"], size_categories=[size],
+                           tags=["pokemon", "sprites", "pixel-art", "rgba"] + (["synthetic"] if synthetic else []))
     features = next(iter(dataset_dict.values())).features
     columns = "\n".join(f"| `{name}` | {getattr(f, 'dtype', type(f).__name__)} | {COLUMN_DOCS.get(name, 'from the CSV')} |"
                         for name, f in features.items())
@@ -605,17 +770,20 @@ def dataset_card(dataset_dict, *, source="", report=None, synthetic=False, repo_
     if synthetic:
         provenance = ("Procedurally drawn creatures from `prepare_dataset.py --synthetic` (numpy/PIL, deterministic by "
                       "seed); captions state size, shape, colour and features. Free of third-party art.")
-        licence = "Generated data, dedicated to the public domain (CC0-1.0)."
+        licence = "Generated by the PokeSprite code and released under the project's own licence, MIT."
     else:
-        provenance = (f"Built by `prepare_dataset.py` from `{source}` and its sprite folder"
+        source, images = Path(str(source)).name, Path(str(images)).name
+        provenance = (f"Built by `prepare_dataset.py` from `{source or 'a CSV'}` and "
+                      + (f"the sprite folder `{images}`" if images else "its sprite folder")
                       + (f"; {report.rows_read} rows read, {len(report.skipped)} skipped" if report else "") + ".")
-        licence = ("Pokémon names, descriptions and artwork are © Nintendo / Creatures Inc. / GAME FREAK inc. "
-                   "This dataset is not affiliated with them; you must have the rights to use the art before "
-                   "training on, publishing or redistributing it.")
-    return (f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n"
-            f"# {repo_id or meta['pretty_name']}\n\nText-to-sprite pairs for PokeSprite: a caption in, a 64x64 "
-            f"RGBA sprite out.\n\nSplits: {splits}.\n\n## Columns\n\n| column | type | meaning |\n| --- | --- | --- |\n"
-            f"{columns}\n\n## Provenance\n\n{provenance}\n\n## Licence\n\n{licence}\n")
+        licence = (f"`{POKEMON_LICENSE_NAME}`: Pokémon names, descriptions and artwork are © Nintendo / Creatures Inc. / "
+                   "GAME FREAK inc.; this is fan content under no open licence. This dataset is not affiliated with "
+                   "them; you must have the rights to use the art before training on, publishing or redistributing it.")
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n"
+                       f"# {repo_id or data.pretty_name}\n\nText-to-sprite pairs for PokeSprite: a caption in, a 64x64 "
+                       f"RGBA sprite out.\n\nSplits: {splits}.\n\n## Columns\n\n| column | type | meaning |\n| --- | --- | --- |\n"
+                       f"{columns}\n\n## Provenance\n\n{provenance}\n\n## Licence\n\n{licence}\n")
+    return str(card)
 
 
 def push_dataset(folder, repo_id=None, private=False):
@@ -636,11 +804,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", default="data/pokemon.csv", help="CSV with national_number, english_name, description")
     p.add_argument("--images", default="data/small_images", help="folder of <national_number>.png sprites")
-    p.add_argument("--output", default="data/pokesprite", help="where to save the DatasetDict")
-    p.add_argument("--val-split", type=float, default=0.2, help="fraction of rows for the validation split")
+    p.add_argument("--output_dir", "--output", dest="output", default="data/pokesprite", metavar="DIR",
+                   help="where to save the DatasetDict; its folder must be writable (checked before any work)")
+    p.add_argument("--val-split", "--val_split", dest="val_split", type=float, default=0.2, help="fraction of rows for the validation split")
     p.add_argument("--seed", type=int, default=42, help="seed for the split (and the synthetic drawing)")
-    p.add_argument("--image-size", type=int, default=64, help="sprites are fitted into SIZE x SIZE")
-    p.add_argument("--caption-template", default=None,
+    p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=64, metavar="SIZE",
+                   help=f"sprites are fitted into SIZE x SIZE; a source PNG over {MAX_SPRITE_PIXELS:,} pixels ({MAX_SPRITE_SIDE}x{MAX_SPRITE_SIDE}) "
+                        f"or more than {MAX_ASPECT_RATIO}:1 wide or tall is skipped unread, 16-bit PNGs are scaled to 8 bits")
+    p.add_argument("--caption-template", "--caption_template", dest="caption_template", default=None,
                    help=f"str.format template over column names (and {{types}}); default: {DEFAULT_CAPTION_TEMPLATE!r}")
     p.add_argument("--strict", action="store_true", help="fail instead of skipping bad rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared output")
@@ -648,9 +819,11 @@ def parse_args(argv=None):
     p.add_argument("--stats", nargs="?", const=True, default=False, metavar="PREPARED_DIR",
                    help="print statistics after preparing, or of an already prepared folder (then nothing is prepared)")
     p.add_argument("--tokenizer", default=None, help=f"tokenizer for --stats caption lengths (default: {DEFAULT_TOKENIZER})")
-    p.add_argument("--push", nargs="?", const="", default=None, metavar="REPO_ID",
-                   help="push to the Hub (default repo: <your user>/pokesprite)")
-    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--push_to_hub", "--push", dest="push", nargs="?", const="", default=None, metavar="REPO_ID",
+                   help="push to the Hub (repo: REPO_ID, else --hub_model_id, else <your user>/pokesprite)")
+    p.add_argument("--hub_model_id", default=None, metavar="REPO_ID", help="the Hub repo for --push_to_hub")
+    p.add_argument("--hub_private_repo", "--private", "--hub_private", dest="private", action="store_true",
+                   help="create the Hub repo as private")
     return p.parse_args(argv)
 
 
@@ -658,6 +831,8 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
+        if args.push and args.hub_model_id and args.push != args.hub_model_id:
+            raise DatasetError(f"--push_to_hub {args.push} and --hub_model_id {args.hub_model_id} name different repos")
         if isinstance(args.stats, str):
             if not (Path(args.stats) / "dataset_dict.json").is_file():
                 raise DatasetError(f"{args.stats} is not a prepared dataset (no dataset_dict.json)")
@@ -665,7 +840,7 @@ def main(argv=None):
             print(dataset_stats(load_from_disk(args.stats), tokenizer))
             return
         if args.synthetic is not None:
-            check_output(args.output, args.overwrite)
+            preflight_output(args.output, args.overwrite)
             dataset_dict, report = build_synthetic_dataset(args.synthetic, args.seed, val_split=args.val_split,
                                                            image_size=args.image_size,
                                                            caption_template=args.caption_template)
@@ -683,10 +858,11 @@ def main(argv=None):
             print(report.summary())
         if args.push is not None:
             try:
-                print(f"pushed to https://huggingface.co/datasets/{push_dataset(args.output, args.push or None, args.private)}")
+                repo_id = push_dataset(args.output, args.push or args.hub_model_id or None, args.private)
+                print(f"pushed to https://huggingface.co/datasets/{repo_id}")
             except Exception as e:  # the prepared folder is fine; say so and fail
                 raise DatasetError(f"saved {args.output} but the upload failed: {e}") from None
-    except DatasetError as e:
+    except (DatasetError, OSError) as e:  # OSError: a file that cannot be read or written; its str names it
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
 

@@ -322,7 +322,7 @@ def test_dataset_card_has_hub_metadata_columns_provenance_and_licence(small_sour
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["task_categories"] == ["text-to-image"] and meta["size_categories"] == ["n<1K"]
-    assert meta["license"] == "other" and "pokemon" in meta["tags"]
+    assert meta["license"] == "other" and meta["license_name"] == "pokemon-fan-content" and "pokemon" in meta["tags"]
     assert "`national_number`" in card and "Provenance" in card and "Nintendo" in card and "rights" in card
 
 
@@ -441,7 +441,7 @@ def test_synthetic_dataset_dir_fixture_round_trips(synthetic_dataset_dir):
     assert {k: len(v) for k, v in loaded.items()} == {"train": 51, "validation": 13}
     row = loaded["validation"][0]
     assert row["text"] == row["description"] and row["image"].mode == "RGBA" and row["image"].size == (64, 64)
-    assert yaml.safe_load((synthetic_dataset_dir / "README.md").read_text().split("---")[1])["license"] == "cc0-1.0"
+    assert yaml.safe_load((synthetic_dataset_dir / "README.md").read_text().split("---")[1])["license"] == "mit"
 
 
 def test_cli_synthetic_writes_a_dataset_dict(tmp_path, capsys):
