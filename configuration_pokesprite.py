@@ -15,6 +15,10 @@ BERT_MINI = {
 }
 
 
+# modeling_pokesprite.GENERATORS maps each to its class
+GENERATOR_TYPES = ("decoder", "diffusion", "flow")
+
+
 class PokeSpriteConfig(PretrainedConfig):
     r"""
     Configuration of a [`PokeSpriteModel`].
@@ -31,24 +35,30 @@ class PokeSpriteConfig(PretrainedConfig):
         image_size (`int`, 64), num_channels (`int`, 4): 4 is RGBA (transparent background), 3 is RGB.
 
     generator_type (`str`): "decoder" (the original design: one forward pass from noise plus text, trained with
-        L1 + MSE) or "diffusion" (a text-conditioned UNet trained with v-prediction and sampled with DDIM).
+        L1 + MSE), "diffusion" (a text-conditioned UNet trained with v-prediction and sampled with DDIM) or "flow"
+        (the same UNet family trained as a rectified flow and sampled with Euler steps; with `unet_patch_size` 4
+        it trains in an hour on a CPU: `config/cpu.yaml`).
 
     Decoder generator:
         noise_dim (`int`, 100), text_embedding_dim (`int`, 256), base_channels (`int`, 512): a 4x4 map of
         `base_channels` is upsampled to `image_size`, halving the channels at each step.
         cross_attention_resolutions (`list[int]`, [8, 16, 32]): feature-map sizes that cross-attend to the tokens.
         l1_weight, mse_weight (`float`, 1.0): reconstruction terms.
-        attention_weight (`float`, 0.01): the attention coverage term (see `PokeSpriteModel.attention_loss`).
+        attention_weight (`float`, 0.01): the attention coverage term (see `PokeSpriteDecoder.attention_loss`).
 
-    Diffusion generator:
-        unet_channels (`list[int]`, [64, 128, 256, 256]): channels at 64/32/16/8 px.
+    Diffusion and flow generators (the UNet):
+        unet_patch_size (`int`, 1): the sprite is folded into patches of this size first (pixel-unshuffle), so the
+            UNet runs at image_size / unet_patch_size px and below.
+        unet_channels (`list[int]`, [64, 128, 256, 256]): channels at each UNet resolution, from the highest
+            (64/32/16/8 px with patch size 1).
         unet_layers_per_block (`int`, 1): residual blocks per resolution.
         unet_attention_resolutions (`list[int]`, [16, 8]): resolutions with self- and cross-attention.
-        num_train_timesteps (`int`, 1000): discrete steps of the cosine noise schedule.
+        num_train_timesteps (`int`, 1000): diffusion: discrete steps of the cosine noise schedule; flow: the scale
+            t in (0, 1) is multiplied by for the UNet's time embedding.
         text_dropout (`float`, 0.1): fraction of training captions replaced by the empty prompt, which is what
             makes classifier-free guidance possible.
         guidance_scale (`float`, 3.0), num_inference_steps (`int`, 25), eta (`float`, 0.0): sampling defaults;
-            eta 0 is deterministic DDIM, 1 adds DDPM-like noise at each step.
+            eta (DDIM only) 0 is deterministic, 1 adds DDPM-like noise at each step.
     """
 
     model_type = "pokesprite"
@@ -74,7 +84,8 @@ class PokeSpriteConfig(PretrainedConfig):
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     attention_weight: float = 0.01
-    # diffusion generator
+    # diffusion and flow generators
+    unet_patch_size: int = 1
     unet_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
     unet_layers_per_block: int = 1
     unet_attention_resolutions: list[int] | tuple[int, ...] = (16, 8)
@@ -87,8 +98,8 @@ class PokeSpriteConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.generator_type not in ("decoder", "diffusion"):
-            raise ValueError(f"generator_type must be 'decoder' or 'diffusion', got {self.generator_type!r}")
+        if self.generator_type not in GENERATOR_TYPES:
+            raise ValueError(f"generator_type must be one of {', '.join(GENERATOR_TYPES)}, got {self.generator_type!r}")
         if self.num_channels not in (3, 4):
             raise ValueError(f"num_channels must be 3 (RGB) or 4 (RGBA), got {self.num_channels}")
         if self.hidden_dim % self.nhead:
@@ -106,7 +117,9 @@ class PokeSpriteConfig(PretrainedConfig):
         for r in self.cross_attention_resolutions:
             if (self.base_channels * 4 // r) % self.nhead:
                 raise ValueError(f"the decoder has {self.base_channels * 4 // r} channels at {r} px, not a multiple of nhead ({self.nhead})")
-        unet_sizes = [self.image_size >> i for i in range(len(self.unet_channels))]
+        if self.unet_patch_size < 1 or self.image_size % self.unet_patch_size:
+            raise ValueError(f"unet_patch_size ({self.unet_patch_size}) must divide image_size ({self.image_size})")
+        unet_sizes = [(self.image_size // self.unet_patch_size) >> i for i in range(len(self.unet_channels))]
         for r, c in zip(unet_sizes, self.unet_channels):
             if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.nhead:
                 raise ValueError(f"the UNet has {c} channels at {r} px, where it attends, not a multiple of nhead ({self.nhead})")

@@ -1,7 +1,8 @@
 """PokeSprite: a description goes in, a 64x64 sprite comes out.
 
-One file, read top to bottom: the text encoder both generators share, the original decoder generator, the diffusion
-generator, and `PokeSpriteModel`, which holds one of the two as chosen by `config.generator_type`.
+One file, read top to bottom: the text encoder every generator shares, the original decoder generator, the UNet
+with its two iterative generators (diffusion and rectified flow), `GENERATORS`, and `PokeSpriteModel`, which holds
+the one that `config.generator_type` names.
 """
 
 import math
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 try:
@@ -55,9 +57,8 @@ class PokeSpriteOutput(ModelOutput):
     """
     loss (`torch.FloatTensor` of shape `()`, returned with `pixel_values`): the weighted training loss.
     images (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`): sprites in [-1, 1]. With
-        `pixel_values`, the diffusion generator returns its one-step estimate of the clean sprite.
+        `pixel_values`, the iterative generators return their one-step estimate of the clean sprite.
     l1_loss, mse_loss, attention_loss (`torch.FloatTensor` of shape `()`): the decoder's loss terms, unweighted.
-    diffusion_loss (`torch.FloatTensor` of shape `()`): the diffusion generator's v-prediction MSE.
     loss_per_sample (`torch.FloatTensor` of shape `(batch,)`): the weighted loss of each sample; `loss` is its mean.
     attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): one per cross-attention layer, each of
         shape `(batch, height * width, text_length)`, averaged over heads; each row sums to 1 over the valid tokens.
@@ -68,7 +69,6 @@ class PokeSpriteOutput(ModelOutput):
     l1_loss: torch.FloatTensor | None = None
     mse_loss: torch.FloatTensor | None = None
     attention_loss: torch.FloatTensor | None = None
-    diffusion_loss: torch.FloatTensor | None = None
     loss_per_sample: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -166,7 +166,11 @@ class PokeSpriteUpBlock(nn.Module):
 
 
 class PokeSpriteDecoder(nn.Module):
-    """Noise plus pooled text -> a 4x4 map of `base_channels` -> upsampling blocks -> `image_size` pixels in [-1, 1]."""
+    """The original generator: noise plus pooled text -> a 4x4 map of `base_channels` -> upsampling blocks ->
+    `image_size` pixels in [-1, 1], in one pass. Trained with L1 + MSE reconstruction plus attention coverage."""
+
+    attribute_name = "decoder"  # where PokeSpriteModel keeps it: the prefix of its weights in model.safetensors
+    uses_guidance = False
 
     def __init__(self, config):
         super().__init__()
@@ -183,7 +187,7 @@ class PokeSpriteDecoder(nn.Module):
 
     def forward(self, noise, tokens, mask, need_weights=False):
         text = self.text_proj(masked_mean(tokens, mask))
-        x = self.fc(torch.cat([noise, text], dim=1)).view(-1, self.config.base_channels, 4, 4)
+        x = self.fc(torch.cat([noise.to(tokens.dtype), text], dim=1)).view(-1, self.config.base_channels, 4, 4)
         attentions = []
         for block in self.blocks:
             x, weights = block(x, tokens, mask, need_weights)
@@ -191,12 +195,57 @@ class PokeSpriteDecoder(nn.Module):
                 attentions.append(weights)
         return torch.tanh(self.to_pixels(x)), attentions
 
+    def noise_shape(self, batch_size):
+        return (batch_size, self.config.noise_dim)
 
-# diffusion generator
+    def draw_timesteps(self, batch_size, generator=None):
+        return None  # one pass from noise: there is no noise level to draw
+
+    @staticmethod
+    def attention_loss(attentions, mask):
+        """Attention coverage: every word of the caption should be looked at somewhere in the sprite.
+
+        For each cross-attention layer, a token's coverage is the attention it receives summed over all positions,
+        scaled so that an even share among the valid tokens is 1. The term is the mean of (1 - coverage)^2 over
+        valid tokens: the "doubly stochastic" regulariser of Show, Attend and Tell (Xu et al., 2015), applied over
+        space instead of time. It keeps the decoder from routing all attention to one token ([CLS], say) and
+        ignoring the rest of the description, while each position remains free to attend sharply.
+
+        Returns one value per sample, shape `(batch,)`.
+        """
+        valid = mask.float()
+        n_valid = valid.sum(1)
+        terms = []
+        for weights in attentions:  # (B, HW, T)
+            coverage = weights.float().mean(1) * n_valid[:, None]
+            terms.append((((1 - coverage) ** 2) * valid).sum(1) / n_valid)
+        return torch.stack(terms).mean(0)
+
+    def loss(self, tokens, mask, pixel_values, noise, timesteps=None, output_attentions=False):
+        c = self.config
+        regularise = c.attention_weight > 0 and bool(c.cross_attention_resolutions)
+        images, attentions = self(noise, tokens, mask, need_weights=output_attentions or regularise)
+        error = images.float() - pixel_values
+        l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
+        attention = self.attention_loss(attentions, mask) if regularise else torch.zeros_like(l1)
+        loss_per_sample = c.l1_weight * l1 + c.mse_weight * mse + c.attention_weight * attention
+        return PokeSpriteOutput(
+            loss=loss_per_sample.mean(), images=images, l1_loss=l1.mean(), mse_loss=mse.mean(),
+            attention_loss=attention.mean(), loss_per_sample=loss_per_sample,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def sample(self, tokens, mask, noise, output_attentions=False):
+        images, attentions = self(noise, tokens, mask, need_weights=output_attentions)
+        return PokeSpriteOutput(images=images, attentions=tuple(attentions) if output_attentions else None)
+
+
+# the UNet, shared by the two iterative generators
 
 
 def timestep_embedding(timesteps, dim):
-    """Sinusoidal features of the (integer) timestep, as in the transformer's position encoding."""
+    """Sinusoidal features of the noise level (on the 0..num_train_timesteps scale), as in the transformer's
+    position encoding."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=timesteps.device) / (dim // 2))
     args = timesteps.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
@@ -241,7 +290,6 @@ class PokeSpriteAttentionBlock(nn.Module):
         return self.cross_attention(x, tokens, mask, need_weights)
 
 
-
 class PokeSpriteUNetLevel(nn.Module):
     """One resolution of the UNet: residual blocks (with attention where the config asks) and a resampler."""
 
@@ -257,27 +305,35 @@ class PokeSpriteUNetLevel(nn.Module):
 
 
 class PokeSpriteUNet(nn.Module):
-    """A DDPM-style UNet that predicts v from a noisy sprite, its timestep and the text.
+    """A DDPM-style UNet over a noisy sprite, its noise level and the text; the two iterative generators below
+    subclass it with their own objective and sampler.
 
+    With `unet_patch_size` p > 1 the sprite is first folded into p x p patches (pixel-unshuffle: 64x64x4 becomes
+    16x16x64 for p = 4) and unfolded at the end: the convolutions then run at 64/p px and below, where a CPU spends
+    a fraction of the FLOPs, at little cost in quality ("simple diffusion", Hoogeboom et al., 2023).
     The down path keeps every block's output as a skip connection; the up path has one block more per resolution
-    and each takes one skip back. The timestep and the pooled text enter every residual block through FiLM, the
-    tokens through cross-attention at `unet_attention_resolutions`.
+    and each takes one skip back. The noise level and the pooled text enter every residual block through FiLM, the
+    tokens through cross-attention at `unet_attention_resolutions` and in the middle block.
     """
+
+    attribute_name = "unet"
+    uses_guidance = True
 
     def __init__(self, config):
         super().__init__()
-        channels, n = config.unet_channels, config.unet_layers_per_block
+        self.config = config
+        channels, n, p = config.unet_channels, config.unet_layers_per_block, config.unet_patch_size
         self.base = channels[0]
         embedding_dim = 4 * self.base
         self.time_mlp = nn.Sequential(nn.Linear(self.base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
         self.text_mlp = nn.Linear(config.hidden_dim, embedding_dim)
-        self.conv_in = nn.Conv2d(config.num_channels, self.base, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.num_channels * p * p, self.base, 3, padding=1)
 
         self.down, skips, ch = nn.ModuleList(), [self.base], self.base
         for level, out_ch in enumerate(channels):
             last = level == len(channels) - 1
             downsample = None if last else nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1)
-            self.down.append(PokeSpriteUNetLevel(config, [ch] + [out_ch] * (n - 1), out_ch, config.image_size >> level, downsample))
+            self.down.append(PokeSpriteUNetLevel(config, [ch] + [out_ch] * (n - 1), out_ch, (config.image_size // p) >> level, downsample))
             skips += [out_ch] * (n if last else n + 1)
             ch = out_ch
 
@@ -292,11 +348,11 @@ class PokeSpriteUNet(nn.Module):
                 block_in.append(ch + skips.pop())
                 ch = out_ch
             upsample = nn.Upsample(scale_factor=2.0, mode="nearest") if level > 0 else None
-            self.up.append(PokeSpriteUNetLevel(config, block_in, out_ch, config.image_size >> level, upsample))
+            self.up.append(PokeSpriteUNetLevel(config, block_in, out_ch, (config.image_size // p) >> level, upsample))
 
         self.norm_out = group_norm(self.base)
-        self.conv_out = nn.Conv2d(self.base, config.num_channels, 3, padding=1)
-        # a zero output layer makes the untrained UNet predict v = 0, a calm start for the diffusion loss
+        self.conv_out = nn.Conv2d(self.base, config.num_channels * p * p, 3, padding=1)
+        # a zero output layer makes the untrained UNet predict 0, a calm start for either objective
         self.conv_out.zero_init = True
 
     def forward(self, x, timesteps, tokens, mask, need_weights=False):
@@ -312,7 +368,8 @@ class PokeSpriteUNet(nn.Module):
                 attentions.append(weights)
             return h
 
-        h = self.conv_in(x)
+        p = self.config.unet_patch_size
+        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
         skips = [h]
         for level in self.down:
             for i in range(len(level.resnets)):
@@ -334,19 +391,145 @@ class PokeSpriteUNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h))), attentions
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return (F.pixel_shuffle(out, p) if p > 1 else out), attentions
+
+    def noise_shape(self, batch_size):
+        c = self.config
+        return (batch_size, c.num_channels, c.image_size, c.image_size)
+
+    def predict(self, x, t, tokens, mask, guidance_scale, need_weights):
+        """The UNet's output for `x` at noise level `t` (a scalar on the 0..num_train_timesteps scale).
+
+        For classifier-free guidance (Ho & Salimans, 2022) `tokens` and `mask` hold the captions and then the empty
+        prompt: one UNet call for both branches, mixed as null + scale * (text - null). Attentions are the
+        captions' branch only.
+        """
+        b = x.shape[0]
+        guided = tokens.shape[0] == 2 * b
+        x_in = torch.cat([x, x]) if guided else x
+        out, attentions = self(x_in.to(tokens.dtype), t.expand(x_in.shape[0]), tokens, mask, need_weights)
+        out = out.float()
+        if guided:
+            text, null = out.chunk(2)
+            out = null + guidance_scale * (text - null)
+        return out, [a[:b].float() for a in attentions]
+
+    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, generator=None,
+               output_attentions=False, progress_bar=False):
+        """From pure noise to a sprite in `num_inference_steps` calls of the UNet, each followed by the subclass's
+        `step`. Cross-attention weights are averaged over the steps."""
+        x = noise.float()
+        times = self.sampling_times(num_inference_steps, x.device)
+        attention_sums = None
+        for i in tqdm(range(num_inference_steps), desc="sampling", leave=False, disable=not progress_bar):
+            out, attentions = self.predict(x, times[i], tokens, mask, guidance_scale, output_attentions)
+            last = i == num_inference_steps - 1
+            x = self.step(x, out, times[i], times[i + 1], last, eta, generator)
+            if output_attentions:
+                attentions = [a / num_inference_steps for a in attentions]
+                attention_sums = attentions if attention_sums is None else [s + a for s, a in zip(attention_sums, attentions)]
+        return PokeSpriteOutput(images=x, attentions=tuple(attention_sums) if output_attentions else None)
+
+
+class PokeSpriteDiffusion(PokeSpriteUNet):
+    """Diffusion: v-prediction (Salimans & Ho, 2022) on the cosine schedule, sampled with DDIM (Song et al., 2021)."""
+
+    def draw_timesteps(self, batch_size, generator=None):
+        return torch.randint(0, self.config.num_train_timesteps, (batch_size,), generator=generator)
+
+    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
+        alpha, sigma = cosine_alpha_sigma(timesteps, self.config.num_train_timesteps)
+        noisy = alpha * pixel_values + sigma * noise
+        v, attentions = self(noisy.to(tokens.dtype), timesteps, tokens, mask, need_weights=output_attentions)
+        v = v.float()
+        # v-prediction: a target of the same scale at every noise level
+        loss_per_sample = (v - (alpha * noise - sigma * pixel_values)).pow(2).mean((1, 2, 3))
+        return PokeSpriteOutput(
+            loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=(alpha * noisy - sigma * v).clamp(-1, 1),
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def sampling_times(self, steps, device):
+        return torch.linspace(self.config.num_train_timesteps - 1, 0, steps + 1, device=device).round().long()
+
+    def step(self, x, v, t, t_next, last, eta, generator):
+        T = self.config.num_train_timesteps
+        b = x.shape[0]
+        alpha, sigma = cosine_alpha_sigma(t.expand(b), T)
+        x0 = (alpha * x - sigma * v).clamp(-1, 1)
+        if last:
+            return x0
+        eps = (x - alpha * x0) / sigma
+        alpha_next, sigma_next = cosine_alpha_sigma(t_next.expand(b), T)
+        # eta = 0: deterministic DDIM; eta = 1: the DDPM posterior's noise level
+        noise_scale = eta * (sigma_next / sigma) * (1 - (alpha / alpha_next) ** 2).clamp(min=0).sqrt()
+        x = alpha_next * x0 + (sigma_next**2 - noise_scale**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = x + noise_scale * z.to(x.device)
+        return x
+
+
+class PokeSpriteFlow(PokeSpriteUNet):
+    """Rectified flow (Liu et al., 2022; Esser et al., 2024): x_t = (1 - t) x0 + t noise, a straight path from the
+    sprite (t = 0) to noise (t = 1), sampled with Euler steps along the predicted velocity noise - x0.
+
+    - The UNet predicts the clean sprite x0, and the loss is on the velocity it implies, (x_t - x0_hat) / t
+      ("Back to Basics: Let Denoising Generative Models Denoise", Li & He, 2025). With 4x4x4 = 64 values per
+      patch, predicting the clean, smooth sprite instead of the noise keeps the patches from turning to speckle.
+    - t is drawn logit-normal (SD3's choice): most training goes to the middle noise levels, where the shape forms.
+    """
+
+    def draw_timesteps(self, batch_size, generator=None):
+        return torch.sigmoid(torch.randn(batch_size, generator=generator))
+
+    def velocity(self, x, x0, t):
+        # t below 0.05 would blow up the division; there the sprite is all but clean anyway
+        return (x - x0) / t.view(-1, 1, 1, 1).clamp(min=0.05)
+
+    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
+        t = timesteps.float().view(-1, 1, 1, 1)
+        noisy = (1 - t) * pixel_values + t * noise
+        x0, attentions = self(noisy.to(tokens.dtype), timesteps * self.config.num_train_timesteps, tokens, mask,
+                              need_weights=output_attentions)
+        x0 = x0.float()
+        loss_per_sample = (self.velocity(noisy, x0, timesteps) - (noise - pixel_values)).pow(2).mean((1, 2, 3))
+        return PokeSpriteOutput(
+            loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=x0.clamp(-1, 1),
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def sampling_times(self, steps, device):
+        return torch.linspace(1, 0, steps + 1, device=device)
+
+    def predict(self, x, t, tokens, mask, guidance_scale, need_weights):
+        return super().predict(x, t * self.config.num_train_timesteps, tokens, mask, guidance_scale, need_weights)
+
+    def step(self, x, x0, t, t_next, last, eta, generator):
+        # Euler along the velocity; at t_next = 0 this lands exactly on x0. eta: DDIM only
+        return x + (t_next - t) * self.velocity(x, x0.clamp(-1, 1), t.expand(x.shape[0]))
+
+
+# the one place a generator type becomes a class
+GENERATORS = {"decoder": PokeSpriteDecoder, "diffusion": PokeSpriteDiffusion, "flow": PokeSpriteFlow}
 
 
 # model
 
 
 class PokeSpriteModel(PreTrainedModel):
-    """Text to sprite. `config.generator_type` picks the generator on top of the shared text encoder:
+    """Text to sprite: the text encoder, then the generator that `config.generator_type` names (see `GENERATORS`).
 
     - "decoder", the original design: a CNN decoder maps noise plus text to a sprite in one pass, trained with
       L1 + MSE reconstruction plus the attention coverage term.
     - "diffusion": a UNet denoises pure noise into a sprite in `num_inference_steps` DDIM steps, with
       classifier-free guidance; trained with the v-prediction objective.
+    - "flow": the same UNet family on 4x4 patches, trained as a rectified flow and sampled with Euler steps: the
+      design that trains in an hour on a CPU.
+
+    Every generator has the same small interface, `loss(...)` and `sample(...)`; this class draws the noise,
+    replaces dropped captions with the learned empty prompt, and hands the rest to the generator.
     """
 
     config_class = PokeSpriteConfig
@@ -357,15 +540,25 @@ class PokeSpriteModel(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.text_encoder = PokeSpriteTextEncoder(config)
-        if config.generator_type == "decoder":
-            self.decoder = PokeSpriteDecoder(config)
-        else:
-            self.unet = PokeSpriteUNet(config)
+        generator = GENERATORS[config.generator_type](config)
+        # under its own name ("decoder", "unet"), so the weights of every model saved so far keep their keys
+        self.add_module(generator.attribute_name, generator)
+        if generator.uses_guidance:
             # the "empty prompt": one learned token that replaces a dropped caption, and the unconditional branch
             # of classifier-free guidance at generation
             self.null_tokens = nn.Parameter(torch.zeros(1, 1, config.hidden_dim))
         self._tokenizer = None
         self.post_init()
+
+    @property
+    def generator(self):
+        return getattr(self, GENERATORS[self.config.generator_type].attribute_name)
+
+    @property
+    def uses_guidance(self):
+        """Whether the generator samples iteratively with classifier-free guidance (`guidance_scale` and
+        `num_inference_steps` apply)."""
+        return self.generator.uses_guidance
 
     def _init_weights(self, module):
         # torch.nn.init calls here are guarded by transformers: weights loaded from a checkpoint are left alone.
@@ -379,7 +572,7 @@ class PokeSpriteModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.MultiheadAttention):
             module._reset_parameters()
-        elif isinstance(module, PokeSpriteModel) and module.config.generator_type == "diffusion":
+        elif isinstance(module, PokeSpriteModel) and hasattr(module, "null_tokens"):
             nn.init.normal_(module.null_tokens, std=self.config.initializer_range)
 
     @classmethod
@@ -398,28 +591,6 @@ class PokeSpriteModel(PreTrainedModel):
         model._tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         return model
 
-    # loss terms
-
-    @staticmethod
-    def attention_loss(attentions, mask):
-        """Attention coverage: every word of the caption should be looked at somewhere in the sprite.
-
-        For each cross-attention layer, a token's coverage is the attention it receives summed over all positions,
-        scaled so that an even share among the valid tokens is 1. The term is the mean of (1 - coverage)^2 over
-        valid tokens: the "doubly stochastic" regulariser of Show, Attend and Tell (Xu et al., 2015), applied over
-        space instead of time. It keeps the decoder from routing all attention to one token ([CLS], say) and
-        ignoring the rest of the description, while each position remains free to attend sharply.
-
-        Returns one value per sample, shape `(batch,)`.
-        """
-        valid = mask.float()
-        n_valid = valid.sum(1)
-        terms = []
-        for weights in attentions:  # (B, HW, T)
-            coverage = weights.float().mean(1) * n_valid[:, None]
-            terms.append((((1 - coverage) ** 2) * valid).sum(1) / n_valid)
-        return torch.stack(terms).mean(0)
-
     # forward
 
     def forward(
@@ -435,50 +606,48 @@ class PokeSpriteModel(PreTrainedModel):
         guidance_scale=None,
         num_inference_steps=None,
         eta=None,
+        progress_bar=False,
         return_dict=True,
     ):
         r"""
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch, text_length)`): the tokenised captions.
-        noise (`torch.FloatTensor`, *optional*): the randomness of the sprite. Decoder: `(batch, noise_dim)`.
-            Diffusion: the starting noise `(batch, num_channels, image_size, image_size)`; with `pixel_values`, the
-            noise added to them. Drawn from the global RNG when not given.
+        noise (`torch.FloatTensor`, *optional*): the randomness of the sprite, of shape `make_noise`'s. Decoder:
+            `(batch, noise_dim)`. Diffusion and flow: the starting noise `(batch, num_channels, image_size,
+            image_size)`; with `pixel_values`, the noise added to them. Drawn from the global RNG when not given.
         pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`, in [-1, 1]): the
             target sprites. When given, the output holds the training loss and its terms.
-        timesteps (`torch.LongTensor` of shape `(batch,)`, diffusion only): the noise level of each training sample;
-            drawn at random when not given (fix it, with `noise`, for a deterministic validation loss).
+        timesteps (`torch.Tensor` of shape `(batch,)`, diffusion and flow only): the noise level of each training
+            sample (integers for diffusion, t in (0, 1) for flow); drawn at random when not given (fix it, with
+            `noise`, for a deterministic validation loss: `model.generator.draw_timesteps`).
         generator (`torch.Generator`, diffusion sampling only): the randomness of the DDIM steps when `eta > 0`.
         bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
             output for `input_ids`, computed once in advance. A frozen BERT gives the same features every epoch, so
             the trainer caches them instead of running BERT at every step.
-        guidance_scale, num_inference_steps, eta (diffusion sampling only): as in `generate`; the config's by default.
+        guidance_scale, num_inference_steps, eta, progress_bar (iterative sampling only): as in `generate`; the
+            config's by default, and no progress bar.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()
         tokens = self.text_encoder(input_ids, attention_mask, bert_hidden_states)
-        if self.config.generator_type == "decoder":
-            output = self._decoder_forward(tokens, mask, noise, pixel_values, output_attentions)
-        elif pixel_values is not None:
-            output = self._diffusion_loss(tokens, mask, pixel_values, noise, timesteps, output_attentions)
-        else:
-            output = self._sample(tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, output_attentions)
-        return output if return_dict else output.to_tuple()
-
-    def _decoder_forward(self, tokens, mask, noise, pixel_values, output_attentions):
+        b = tokens.shape[0]
         if noise is None:
-            noise = torch.randn(tokens.shape[0], self.config.noise_dim, device=tokens.device, dtype=tokens.dtype)
-        c = self.config
-        regularise = pixel_values is not None and c.attention_weight > 0 and bool(c.cross_attention_resolutions)
-        images, attentions = self.decoder(noise, tokens, mask, need_weights=output_attentions or regularise)
-        output = PokeSpriteOutput(images=images, attentions=tuple(attentions) if output_attentions else None)
-        if pixel_values is not None:
-            error = images.float() - pixel_values
-            l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
-            attention = self.attention_loss(attentions, mask) if regularise else torch.zeros_like(l1)
-            output.loss_per_sample = c.l1_weight * l1 + c.mse_weight * mse + c.attention_weight * attention
-            output.loss = output.loss_per_sample.mean()
-            output.l1_loss, output.mse_loss, output.attention_loss = l1.mean(), mse.mean(), attention.mean()
-        return output
+            noise = torch.randn(self.generator.noise_shape(b), device=tokens.device)
+        if pixel_values is None:
+            output = self._sample(tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta,
+                                  output_attentions, progress_bar)
+        else:
+            if timesteps is None:
+                timesteps = self.generator.draw_timesteps(b)
+            if timesteps is not None:
+                timesteps = timesteps.to(tokens.device)
+            if self.training and self.uses_guidance and self.config.text_dropout > 0:
+                drop = torch.rand(b, device=tokens.device) < self.config.text_dropout
+                null_tokens, null_mask = self._null_text(tokens, mask)
+                tokens = torch.where(drop[:, None, None], null_tokens, tokens)
+                mask = torch.where(drop[:, None], null_mask, mask)
+            output = self.generator.loss(tokens, mask, pixel_values, noise, timesteps, output_attentions)
+        return output if return_dict else output.to_tuple()
 
     def _null_text(self, tokens, mask):
         """The empty prompt, shaped like a batch of captions: the learned null token, then padding."""
@@ -487,74 +656,21 @@ class PokeSpriteModel(PreTrainedModel):
         null_mask[:, 0] = True
         return null_tokens, null_mask
 
-    def _diffusion_loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions):
-        b = pixel_values.shape[0]
-        if timesteps is None:
-            timesteps = torch.randint(0, self.config.num_train_timesteps, (b,), device=pixel_values.device)
-        if noise is None:
-            noise = torch.randn_like(pixel_values)
-        if self.training and self.config.text_dropout > 0:
-            drop = torch.rand(b, device=tokens.device) < self.config.text_dropout
-            null_tokens, null_mask = self._null_text(tokens, mask)
-            tokens = torch.where(drop[:, None, None], null_tokens, tokens)
-            mask = torch.where(drop[:, None], null_mask, mask)
-        alpha, sigma = cosine_alpha_sigma(timesteps, self.config.num_train_timesteps)
-        noisy = alpha * pixel_values + sigma * noise
-        v, attentions = self.unet(noisy.to(tokens.dtype), timesteps, tokens, mask, need_weights=output_attentions)
-        v = v.float()
-        # v-prediction (Salimans & Ho, 2022): a target of the same scale at every noise level
-        loss_per_sample = (v - (alpha * noise - sigma * pixel_values)).pow(2).mean((1, 2, 3))
-        loss = loss_per_sample.mean()
-        images = (alpha * noisy - sigma * v).clamp(-1, 1)
-        return PokeSpriteOutput(
-            loss=loss, diffusion_loss=loss, loss_per_sample=loss_per_sample, images=images,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
-
-    def _sample(self, tokens, mask, noise, generator=None, guidance_scale=None, num_inference_steps=None, eta=None,
-                output_attentions=False):
-        """DDIM (Song et al., 2021) with classifier-free guidance (Ho & Salimans, 2022).
-
-        Cross-attention weights are averaged over the steps, for the conditional branch only.
-        """
+    def _sample(self, tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, output_attentions,
+                progress_bar):
+        if not self.uses_guidance:
+            return self.generator.sample(tokens, mask, noise, output_attentions=output_attentions)
         c = self.config
         guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
-        steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
-        eta = c.eta if eta is None else eta
-        b = tokens.shape[0]
-        shape = (b, c.num_channels, c.image_size, c.image_size)
-        x = torch.randn(shape, device=tokens.device) if noise is None else noise.float()
-        guided = guidance_scale != 1.0
-        if guided:  # one UNet call for both branches: the captions, then the empty prompt
+        if guidance_scale != 1.0:  # the captions, then the empty prompt: the generator runs both branches at once
             null_tokens, null_mask = self._null_text(tokens, mask)
             tokens, mask = torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask])
-        times = torch.linspace(c.num_train_timesteps - 1, 0, steps + 1, device=x.device).round().long()
-        attention_sums = None
-        for i in range(steps):
-            t = times[i].expand(b)
-            alpha, sigma = cosine_alpha_sigma(t, c.num_train_timesteps)
-            x_in = torch.cat([x, x]) if guided else x
-            v, attentions = self.unet(x_in.to(tokens.dtype), times[i].expand(x_in.shape[0]), tokens, mask, output_attentions)
-            v = v.float()
-            if guided:
-                v_text, v_null = v.chunk(2)
-                v = v_null + guidance_scale * (v_text - v_null)
-            x0 = (alpha * x - sigma * v).clamp(-1, 1)
-            eps = (x - alpha * x0) / sigma
-            if output_attentions:
-                attentions = [a[:b].float() / steps for a in attentions]
-                attention_sums = attentions if attention_sums is None else [s + a for s, a in zip(attention_sums, attentions)]
-            if i == steps - 1:
-                x = x0
-                break
-            alpha_next, sigma_next = cosine_alpha_sigma(times[i + 1].expand(b), c.num_train_timesteps)
-            # eta = 0: deterministic DDIM; eta = 1: the DDPM posterior's noise level
-            noise_scale = eta * (sigma_next / sigma) * (1 - (alpha / alpha_next) ** 2).clamp(min=0).sqrt()
-            x = alpha_next * x0 + (sigma_next**2 - noise_scale**2).clamp(min=0).sqrt() * eps
-            if eta > 0:
-                z = torch.randn(shape, generator=generator, device=generator.device if generator else x.device)
-                x = x + noise_scale * z.to(x.device)
-        return PokeSpriteOutput(images=x, attentions=tuple(attention_sums) if output_attentions else None)
+        return self.generator.sample(
+            tokens, mask, noise, guidance_scale=guidance_scale,
+            num_inference_steps=c.num_inference_steps if num_inference_steps is None else num_inference_steps,
+            eta=c.eta if eta is None else eta, generator=generator, output_attentions=output_attentions,
+            progress_bar=progress_bar,
+        )
 
     # generation
 
@@ -581,10 +697,8 @@ class PokeSpriteModel(PreTrainedModel):
     def make_noise(self, batch_size, generator=None):
         """Starting randomness for `batch_size` sprites, drawn on the generator's device, so a seed gives the same
         sprites on any device the model runs on."""
-        c = self.config
-        shape = (batch_size, c.noise_dim) if c.generator_type == "decoder" else (batch_size, c.num_channels, c.image_size, c.image_size)
         device = generator.device if generator is not None else self.device
-        return torch.randn(shape, generator=generator, device=device).to(self.device)
+        return torch.randn(self.generator.noise_shape(batch_size), generator=generator, device=device).to(self.device)
 
     @torch.no_grad()
     def generate(
@@ -598,25 +712,16 @@ class PokeSpriteModel(PreTrainedModel):
         num_inference_steps=None,
         eta=None,
         output_type="pt",
+        progress_bar=True,
     ):
         """Sprites for `prompts` (strings) or for already tokenised `input_ids`.
 
         Returns a `(batch * num_images_per_prompt, num_channels, image_size, image_size)` tensor in [0, 1], or a list
         of PIL images (RGBA when the model has alpha) with `output_type="pil"`. Sprites of one prompt are adjacent.
-        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps` and `eta` apply to
-        the diffusion generator and default to the config's.
+        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps` and `eta` (DDIM
+        only) apply to the iterative generators (`uses_guidance`) and default to the config's; `progress_bar` shows
+        a tqdm bar over their sampling steps.
         """
-        was_training = self.training
-        self.eval()  # dropout in the token transformer would make a seed give different sprites
-        try:
-            images = self._generate(prompts, input_ids, attention_mask, num_images_per_prompt, generator,
-                                    guidance_scale, num_inference_steps, eta)
-        finally:
-            self.train(was_training)
-        return images if output_type == "pt" else to_pil(images)
-
-    def _generate(self, prompts, input_ids, attention_mask, num_images_per_prompt, generator, guidance_scale,
-                  num_inference_steps, eta):
         if prompts is not None:
             input_ids, attention_mask = self.tokenize(prompts)
         if input_ids is None:
@@ -624,12 +729,15 @@ class PokeSpriteModel(PreTrainedModel):
         input_ids = input_ids.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).repeat_interleave(num_images_per_prompt, dim=0))
         noise = self.make_noise(input_ids.shape[0], generator)
-        tokens = self.text_encoder(input_ids, attention_mask)
-        if self.config.generator_type == "decoder":
-            images, _ = self.decoder(noise.to(tokens.dtype), tokens, attention_mask.bool())
-        else:
-            images = self._sample(tokens, attention_mask.bool(), noise, generator, guidance_scale, num_inference_steps, eta).images
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        was_training = self.training
+        self.eval()  # dropout in the token transformer would make a seed give different sprites
+        try:
+            images = self(input_ids, attention_mask, noise=noise, generator=generator, guidance_scale=guidance_scale,
+                          num_inference_steps=num_inference_steps, eta=eta, progress_bar=progress_bar).images
+        finally:
+            self.train(was_training)
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        return images if output_type == "pt" else to_pil(images)
 
 
 def to_pil(images):
@@ -645,4 +753,4 @@ def to_pil(images):
 PokeSpriteConfig.register_for_auto_class()
 PokeSpriteModel.register_for_auto_class("AutoModel")
 
-__all__ = ["PokeSpriteModel", "PokeSpriteOutput"]
+__all__ = ["GENERATORS", "PokeSpriteModel", "PokeSpriteOutput"]

