@@ -8,12 +8,18 @@ override the common ones. `python train_accelerate.py --help` lists them.
 """
 
 import argparse
+import fcntl
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -30,24 +36,29 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as torch_load_weights_only
 from huggingface_hub import HfApi, ModelCardData
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from PIL import Image
-from transformers import AutoConfig, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoTokenizer, SchedulerType, get_scheduler
 
 from attention_maps import attention_figure, attention_for_prompt, sprite_grid
-from configuration_pokesprite import PokeSpriteConfig
+from configuration_pokesprite import GENERATOR_TYPES, PokeSpriteConfig
 from modeling_pokesprite import PokeSpriteModel
 
 logger = get_logger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "train_config.yaml"
-COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without it is partial
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last, with every file's sha256: without it a folder is partial
+# the only folder names the trainer writes, and so the only ones it may ever delete: checkpoint-N, and while saving
+# or deleting one, .tmp-checkpoint-N and .old-checkpoint-N (N as str(int): no sign, no leading zeros)
+CHECKPOINT_NAME = re.compile(r"(?P<temporary>\.tmp-|\.old-)?checkpoint-(?P<step>0|[1-9][0-9]*)")
+LOCK_FILE = ".train.lock"  # flock'ed by the main process for the whole run: one training per output_dir
 # what --push_to_hub leaves out of output_dir: training state and logs, not the model
-PUSH_IGNORE_PATTERNS = ["checkpoint-*/**", ".tmp-*/**", "logs/**", "wandb/**", "samples/**", "*.tmp"]
+PUSH_IGNORE_PATTERNS = ["checkpoint-*/**", ".tmp-*/**", ".old-*/**", LOCK_FILE, "logs/**", "wandb/**", "samples/**", "*.tmp"]
 
 # flag -> key of the YAML it overrides; a flag given on the command line wins over the file
 OVERRIDES = {
@@ -86,6 +97,10 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the message names the last good checkpoint (exit code 1)."""
 
 
+class CheckpointError(PreflightError):
+    """A checkpoint that must not be resumed from; the message names the file (exit code 2 when none is left)."""
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML with model.*, training.*, data.*, output.*")
@@ -95,7 +110,7 @@ def parse_args(argv=None):
     parser.add_argument("--experiment-name", "--experiment_name", dest="experiment_name", help="tracker project and run name")
     parser.add_argument("--dataset", help="prepare_dataset.py output folder or Hub dataset id")
     parser.add_argument("--output_dir", help="where checkpoints, logs, samples and the final model go")
-    parser.add_argument("--generator_type", choices=["decoder", "diffusion"])
+    parser.add_argument("--generator_type", choices=GENERATOR_TYPES)
     parser.add_argument("--text_encoder", help="BERT to start from: Hub id or local folder")
     parser.add_argument("--num_epochs", type=int)
     parser.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_epochs")
@@ -125,7 +140,7 @@ def parse_args(argv=None):
 
 
 def load_config(args):
-    """The YAML, with every flag that was given written over its key."""
+    """The YAML, with every flag that was given written over its key; checked (check_settings)."""
     path = Path(args.config)
     if not path.is_file():
         raise PreflightError(f"config file {path} does not exist")
@@ -144,7 +159,7 @@ def load_config(args):
             node[leaf] = value
     if args.use_wandb:
         cfg["output"]["report_to"] = "all" if cfg["output"].get("report_to") == "tensorboard" else "wandb"
-    return cfg
+    return check_settings(cfg)
 
 
 def check_keys(cfg, reference, path, prefix=""):
@@ -159,6 +174,127 @@ def check_keys(cfg, reference, path, prefix=""):
     for key, value in reference.items():
         if isinstance(value, dict):
             check_keys(cfg[key], value, path, f"{prefix}{key}.")
+
+
+INT64_MAX = 2**63 - 1  # counts reach torch as int64
+
+
+def setting_name(key):
+    """'--flag (yaml.key)' for a key with a flag, else the key: how an error names a setting."""
+    flag = {key: flag for flag, key in OVERRIDES.items()}.get(key)
+    return f"--{flag} ({key})" if flag else key
+
+
+def check_settings(cfg):
+    """Every training, data and output setting of the merged config (the YAML with the flags written over it), before
+    anything loads: PreflightError naming the flag and key, instead of a traceback (or an untrained model) later.
+    The model section is PokeSpriteConfig's to check (preflight)."""
+
+    def value(key):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def fail(key, requirement):
+        got = value(key)
+        try:
+            shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+        except ValueError:  # an int of more than 4300 digits
+            shown = "an integer too long to print"
+        hint = ""
+        if isinstance(got, str):
+            try:
+                if math.isfinite(float(got)):
+                    hint = " (YAML reads a number like 2e-4 as text: write 2.0e-4)"
+            except ValueError:
+                pass
+        raise PreflightError(f"{setting_name(key)} must be {requirement}, got {shown}{hint}")
+
+    def integer(key, low, high=INT64_MAX, null=None):
+        v = value(key)
+        if v is None and null:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            span = f"an integer >= {low}" if high == INT64_MAX else f"an integer from {low} to {high}"
+            fail(key, span + (f", or null {null}" if null else ""))
+        return v
+
+    def number(key, low, low_open=False, high=None, high_open=True):
+        v = value(key)
+        try:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+        except OverflowError:  # an int beyond float
+            ok = False
+        ok = ok and (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
+        if not ok:
+            span = f"{'above' if low_open else 'at least'} {low}" + (f" and {'below' if high_open else 'at most'} {high}" if high is not None else "")
+            fail(key, f"a finite number {span}")
+        return v
+
+    def text(key, choices=None, null=False):
+        v = value(key)
+        if v is None and null:
+            return None
+        if choices is not None and v not in choices:
+            fail(key, "one of " + ", ".join(choices))
+        if not isinstance(v, str) or not v.strip():
+            fail(key, "a non-empty string" + (" or null" if null else ""))
+        return v
+
+    def boolean(key):
+        if not isinstance(value(key), bool):
+            fail(key, "true or false")
+
+    t = "training."
+    max_steps = integer(t + "max_train_steps", 1, null="to train num_epochs epochs")
+    if max_steps is None:
+        integer(t + "num_epochs", 1)
+    for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                "logging_steps", "max_nonfinite_steps", "num_validation_prompts"):
+        integer(t + key, 1)
+    integer(t + "checkpoints_total_limit", 1, null="to keep every checkpoint")
+    warmup = integer(t + "lr_warmup_steps", 0)
+    integer(t + "seed", 0, 2**32 - 1)  # numpy's seeds end there
+    lr = number(t + "learning_rate", 0, low_open=True)
+    weight_decay = number(t + "weight_decay", 0)
+    number(t + "max_grad_norm", 0, low_open=True)
+    number(t + "ema_decay", 0, high=1)  # 0: no EMA; 1 would never move
+    for key in ("l1_weight", "mse_weight", "attention_weight"):
+        number(t + "loss." + key, 0)
+    if value(t + "mixed_precision") is not None:
+        text(t + "mixed_precision", ["no", "fp16", "bf16"])
+    name = text(t + "lr_scheduler", [s.value for s in SchedulerType])
+    try:  # some schedulers need arguments the trainer does not pass, or a metric at each step: build one and step it
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps or 1000)
+        optimizer.step()
+        scheduler.step()
+    except Exception as e:
+        raise PreflightError(f"{setting_name(t + 'lr_scheduler')} {name!r} does not work with this trainer ({error_summary(e)})")
+
+    text("data.dataset")
+    boolean("data.hflip")
+    size = cfg["model"].get("image_size")
+    integer("data.max_shift", 0, size - 1 if isinstance(size, int) and not isinstance(size, bool) and size > 0 else INT64_MAX)
+    text("output.output_dir")
+    text("output.report_to", ["tensorboard", "wandb", "all", "none"])
+    text("output.experiment_name")
+    boolean("output.push_to_hub")
+    text("output.hub_model_id", null=True)
+    text("model.text_encoder.name")
+    return cfg
+
+
+def check_split_sizes(splits, name, batch_size, num_processes=1):
+    """Enough rows for one batch on every process, and a validation split that is not empty."""
+    n_train, n_val = len(splits["train"]), len(splits["validation"])
+    if n_train < batch_size * num_processes:
+        each = f" on each of {num_processes} processes" if num_processes > 1 else ""
+        raise PreflightError(f"dataset {name}: the train split has {n_train} rows, fewer than --train_batch_size {batch_size}{each}")
+    if n_val == 0:
+        raise PreflightError(f"dataset {name}: the validation split is empty; validation and the sample grids need at "
+                             f"least one row (prepare_dataset.py puts a fifth of the rows there: prepare more rows)")
 
 
 def model_kwargs(cfg):
@@ -284,23 +420,70 @@ def augment(pixels, hflip, max_shift, background):
 
 
 def checkpoint_step(path):
-    return int(path.name.split("-")[-1])
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name)["step"])
 
 
 def list_checkpoints(output_dir):
-    """Complete checkpoints, oldest first, and partial ones (a killed save: no marker, or a temporary folder)."""
+    """Complete checkpoints, oldest first, and partial ones (a killed save: no marker, or a temporary folder).
+
+    Only folders with the trainer's own names (CHECKPOINT_NAME) count: a user's `backup-checkpoint-6/`,
+    `my-checkpoint-notes/` or `checkpoint-8-good/` is neither complete nor partial, so nothing loads, prunes or
+    deletes it. Symbolic links are left alone too: the trainer never makes them.
+    """
+    output_dir = Path(output_dir)
     complete, partial = [], []
-    for path in Path(output_dir).glob("*checkpoint-*"):
-        if path.name.startswith("checkpoint-") and (path / COMPLETE_MARKER).is_file():
+    if not output_dir.is_dir():
+        return complete, partial
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        if match["temporary"] is None and (path / COMPLETE_MARKER).is_file():
             complete.append(path)
-        elif path.is_dir():
+        else:
             partial.append(path)
-    return sorted(complete, key=checkpoint_step), partial
+    return sorted(complete, key=checkpoint_step), sorted(partial)
+
+
+def nonfinite_tensor(named_tensors):
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in named_tensors:
+        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def all_finite(module):
-    # frozen weights (BERT) never change, so only the trained ones can have gone non-finite
-    return all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
+    # every tensor the module saves, frozen ones (BERT) and buffers included: a frozen weight cannot go bad in
+    # training, but one read back damaged from disk spreads into every later checkpoint and the final model
+    return nonfinite_tensor(module.state_dict().items()) is None
+
+
+def checkpoint_tensors(accelerator, models, ema):
+    """(file, name, tensor) for every tensor a checkpoint stores: the models, the EMA and the optimizers' state
+    (save_state writes the optimizers `prepare` returned, accelerator._optimizers, as optimizer.bin, optimizer_1.bin...)."""
+    for i, model in enumerate(models):
+        file = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+        for name, tensor in accelerator.unwrap_model(model).state_dict().items():
+            yield file, name, tensor
+    if ema is not None:
+        for name, tensor in ema.state_dict().items():
+            yield "ema.safetensors", name, tensor
+    for i, optimizer in enumerate(accelerator._optimizers):
+        file = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+        for param, state in optimizer.state_dict()["state"].items():
+            for key, tensor in state.items():
+                yield file, f"state.{param}.{key}", tensor
+
+
+def first_nonfinite(accelerator, models, ema):
+    """'<file>: <tensor>' for the first checkpoint tensor that is not finite, or None."""
+    return nonfinite_tensor((f"{file}: {name}", tensor) for file, name, tensor in checkpoint_tensors(accelerator, models, ema))
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync(path):
@@ -313,7 +496,13 @@ def fsync(path):
 
 def discard(checkpoint):
     """Delete a checkpoint folder; renamed first, so that a kill while deleting cannot leave it looking complete."""
-    trash = checkpoint.with_name(f".old-{checkpoint.name}")
+    checkpoint = Path(checkpoint)
+    if CHECKPOINT_NAME.fullmatch(checkpoint.name) is None:  # never anything the trainer did not write
+        raise ValueError(f"{checkpoint} is not a checkpoint folder of the trainer's; not deleting it")
+    trash = checkpoint.with_name(f".old-{checkpoint.name.removeprefix('.tmp-').removeprefix('.old-')}")
+    if trash == checkpoint:
+        shutil.rmtree(trash)
+        return
     shutil.rmtree(trash, ignore_errors=True)  # left by an earlier kill
     os.replace(checkpoint, trash)
     shutil.rmtree(trash)
@@ -324,12 +513,15 @@ def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, kee
 
     A kill at any point leaves either the previous checkpoints untouched or a folder without the marker, which
     resuming reports and deletes. The files reach the disk before the marker does, so a marked checkpoint is whole
-    after a power cut too. Non-finite weights are never saved. `keep` (the best checkpoint so far) is never pruned.
+    after a power cut too. The marker lists every file with its sha256, which resuming verifies. Non-finite
+    tensors (weights, frozen or trained, EMA, optimizer state) are never saved. `keep` (the best checkpoint so far)
+    is never pruned.
     """
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    if not all_finite(accelerator.unwrap_model(model)) or (ema is not None and not all_finite(ema)):
-        raise NonFiniteError(f"the weights at step {step} are not finite; not saving checkpoint-{step}")
+    bad = first_nonfinite(accelerator, [model], ema)
+    if bad is not None:
+        raise NonFiniteError(f"the weights at step {step} are not finite ({bad}); not saving checkpoint-{step}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -340,9 +532,11 @@ def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, kee
             # safetensors stores contiguous tensors only; channels-last conv weights are not
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        for path in tmp.iterdir():
+        digests = {}
+        for path in sorted(tmp.iterdir()):
             fsync(path)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+            digests[path.name] = sha256(path)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "sha256": digests}, indent=2))
         fsync(tmp / COMPLETE_MARKER)
         if final.exists():  # this step saved again, after resuming from an older checkpoint
             discard(final)
@@ -356,13 +550,84 @@ def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, kee
     return final
 
 
-def find_resume_checkpoint(accelerator, output_dir, resume):
-    """The checkpoint folder `--resume` names ('latest': the newest complete one); partial folders are removed."""
+def error_summary(error):
+    """'Type: first line of the message', for a one-line error."""
+    if isinstance(error, pickle.UnpicklingError):  # torch's message goes on to advise weights_only=False: not here
+        return f"{type(error).__name__}: holds objects that a weights-only load refuses"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def required_files(num_processes, ema):
+    """The files a resume reads: what load_state loads, each process's RNG states, the EMA, the trainer state."""
+    names = ["model.safetensors", "optimizer.bin", "scheduler.bin", "trainer_state.json"]
+    names += [f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(num_processes)]
+    return names + (["ema.safetensors"] if ema else [])
+
+
+def verify_checkpoint(checkpoint, needed=()):
+    """Raise CheckpointError, naming the file, unless every file the marker lists is there with its sha256 and the
+    `needed` files are among them. False for a checkpoint of an older trainer, whose marker holds no checksums."""
+    checkpoint = Path(checkpoint)
+    marker = checkpoint / COMPLETE_MARKER
+    try:
+        info = json.loads(marker.read_text())
+        digests = info.get("sha256") if isinstance(info, dict) else ()
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{marker} does not load ({error_summary(e)})")
+    if digests is None:
+        return False
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise CheckpointError(f"{marker} is not the marker the trainer writes (no file checksums)")
+    for name in needed:
+        if name not in digests:
+            raise CheckpointError(f"{checkpoint / name} is not in the checkpoint (its marker does not list it)")
+    for name in sorted(digests):
+        path = checkpoint / name
+        if Path(name).name != name or not path.is_file():  # a marker naming ../something is not the trainer's
+            raise CheckpointError(f"{path} is missing")
+        if sha256(path) != digests[name]:
+            raise CheckpointError(f"{path} is damaged: its sha256 differs from the one recorded when it was saved")
+    return True
+
+
+def usable_checkpoints(accelerator, candidates, ema, what, damaged=()):
+    """`candidates` (newest first) from the first one whose files verify on. Each damaged one is skipped with a
+    warning that names the file; with none left, CheckpointError. The main process verifies, the others follow it."""
+    damaged, result = list(damaged), [None, None]
+    if accelerator.is_main_process:
+        needed = required_files(accelerator.num_processes, ema)
+        for i, checkpoint in enumerate(candidates):
+            try:
+                result = [i, verify_checkpoint(checkpoint, needed)]
+                break
+            except CheckpointError as e:
+                damaged.append(str(e))
+                later = "falling back to the previous checkpoint" if i + 1 < len(candidates) else "no older checkpoint is left"
+                logger.warning(f"Not resuming from {checkpoint}: {e}; {later}", main_process_only=True)
+        if result[0] is None:
+            result[1] = damaged
+    index, verified = broadcast_object_list(result)
+    if index is None:
+        raise CheckpointError(f"{what}: no usable checkpoint left ({'; '.join(verified)})")
+    if not verified:
+        logger.warning(f"{candidates[index]} has no checksums (saved by an older trainer): its files are not verified", main_process_only=True)
+    return list(candidates[index:])
+
+
+def find_resume_checkpoint(accelerator, output_dir, resume, ema=True):
+    """The checkpoints `--resume` may load, newest first, the first one with every file verified; partial folders
+    are removed. Run before the data and the model load, so that a damaged checkpoint costs nothing.
+
+    'latest': the complete checkpoints of output_dir (none: [], training starts from scratch); a damaged one is
+    skipped with a warning naming the file, and with none left CheckpointError stops the run (exit code 2), leaving
+    every checkpoint where it is. A folder: only that one.
+    """
     if resume != "latest":
         path = Path(resume)
         if not (path / COMPLETE_MARKER).is_file():
             raise PreflightError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
-        return path
+        return usable_checkpoints(accelerator, [path], ema, f"--resume {resume}")
     complete, partial = list_checkpoints(output_dir)
     for path in partial:
         logger.warning(f"Removing partial checkpoint {path} (left by an interrupted save or deletion)", main_process_only=True)
@@ -371,21 +636,133 @@ def find_resume_checkpoint(accelerator, output_dir, resume):
     accelerator.wait_for_everyone()
     if not complete:
         logger.warning(f"--resume latest: no complete checkpoint in {output_dir}; starting from scratch", main_process_only=True)
-        return None
-    return complete[-1]
+        return []
+    return usable_checkpoints(accelerator, complete[::-1], ema, f"--resume latest in {output_dir}")
+
+
+def read_trainer_state(path):
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} does not load ({error_summary(e)})")
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    best = state.get("best") if isinstance(state, dict) else None
+    if not (isinstance(state, dict) and all(count(state.get(k)) for k in ("global_step", "epoch", "batches_done"))
+            and isinstance(best, dict) and isinstance(best.get("loss"), (int, float)) and (best.get("step") is None or count(best["step"]))):
+        raise CheckpointError(f"{path} is not the trainer's state (global_step, epoch, batches_done, best)")
+    return state
 
 
 def load_checkpoint(accelerator, checkpoint, ema):
-    """accelerator.load_state (weights from safetensors, everything else with torch.load(weights_only=True)), the EMA."""
-    accelerator.load_state(str(checkpoint))
+    """accelerator.load_state (weights from safetensors, everything else with torch.load(weights_only=True)), the EMA;
+    returns the trainer state. CheckpointError, naming the file, when anything does not load or loads non-finite."""
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint / "trainer_state.json")
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # which file failed is not said; the checksums name it for a checkpoint of this trainer
+        raise CheckpointError(f"{checkpoint} does not load ({error_summary(e)})")
     if ema is not None:
         # to the CPU, then copied into the EMA's tensors (safetensors rejects multi-process CPU's device, "cpu:0")
-        ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
+        path = checkpoint / "ema.safetensors"
+        try:
+            ema.load_state_dict(load_file(str(path)))
+        except Exception as e:
+            raise CheckpointError(f"{path} does not load ({error_summary(e)})")
     # load_state catches any error in restoring the RNG states and only logs it at INFO level; a resume with fresh
     # RNG states would quietly draw other noise and flips than the uninterrupted run, so check that they came back
-    rng = torch_load_weights_only(checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
-    if not torch.equal(rng["torch_manual_seed"], torch.get_rng_state()):
-        raise RuntimeError(f"{checkpoint}: the random number generator states did not load; resuming would not be reproducible")
+    path = checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    try:
+        restored = torch.equal(torch_load_weights_only(path)["torch_manual_seed"], torch.get_rng_state())
+    except Exception as e:
+        raise CheckpointError(f"{path} does not load ({error_summary(e)})")
+    if not restored:
+        raise CheckpointError(f"{path}: the random number generator states did not load; resuming would not be reproducible")
+    bad = first_nonfinite(accelerator, accelerator._models, ema)
+    if bad is not None:
+        raise CheckpointError(f"{checkpoint}/{bad} is not finite")
+    return state
+
+
+def resume_from(accelerator, candidates, ema):
+    """Load the first of `candidates` (from find_resume_checkpoint) that loads whole and finite on every process;
+    a failure falls back to the next one whose files verify. Returns (checkpoint, trainer state)."""
+    damaged = []
+    while True:
+        checkpoint, error = candidates[0], None
+        try:
+            state = load_checkpoint(accelerator, checkpoint, ema)
+        except CheckpointError as e:
+            error = str(e)
+        failed = torch.tensor(float(error is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:  # every process must resume from the same checkpoint
+            failed = accelerator.reduce(failed, "sum")
+        if not failed.item():
+            return checkpoint, state
+        error = error or f"{checkpoint} did not load on another process"
+        damaged.append(error)
+        later = "falling back to the previous checkpoint" if len(candidates) > 1 else "no older checkpoint is left"
+        logger.warning(f"Not resuming from {checkpoint}: {error}; {later}", main_process_only=True)
+        candidates = usable_checkpoints(accelerator, candidates[1:], ema is not None, f"--resume in {checkpoint.parent}", damaged)
+
+
+# one run per output folder
+
+
+_run_locks = []  # the lock files this process holds open; closing one releases its flock
+
+
+def acquire_run_lock(accelerator, output_dir):
+    """One training per output_dir: the main process holds an exclusive flock on output_dir/.train.lock until the
+    run ends. The kernel releases it when the process dies, even by SIGKILL, so it never outlives its run.
+
+    A second run stops here, before it deletes (--resume latest's partial folders) or writes anything: with
+    PreflightError naming the process that holds the lock.
+    """
+    error = None
+    if accelerator.is_main_process:
+        path = Path(output_dir) / LOCK_FILE
+        try:
+            lock = open(path, "a+")
+        except OSError as e:
+            error = f"cannot open the lock file {path}: {e.strerror}"
+        else:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "a process"
+                lock.close()
+                error = (f"output_dir {output_dir} is in use by another training run ({holder} holds {path}); "
+                         f"wait for it to end, or pass another --output_dir")
+            except OSError as e:
+                lock.close()
+                error = f"cannot lock {path}: {e.strerror}"
+            else:
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                lock.flush()
+                _run_locks.append(lock)
+    [error] = broadcast_object_list([error])
+    if error:
+        raise PreflightError(error)
+
+
+def release_run_lock():
+    """Close this process's lock files (the file stays: deleting a lock file races with its next user)."""
+    while _run_locks:
+        _run_locks.pop().close()
+
+
+def releasing_run_lock(function):
+    """`function` (main) gives up the run lock however it ends, so that main called in-process twice can lock again."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        finally:
+            release_run_lock()
+    return wrapper
 
 
 # pre-flight
@@ -455,7 +832,7 @@ def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
     was_training = net.training
     net.eval()  # no dropout in the text encoder: the samples a user of the saved model would get
     with accelerator.autocast():
-        images = net.generate(prompts, num_images_per_prompt=2, generator=generator)
+        images = net.generate(prompts, num_images_per_prompt=2, generator=generator, progress_bar=False)
         sprite, heatmaps, words = attention_for_prompt(net, prompts[0], seed=seed, tokenizer=tokenizer)
     net.train(was_training)
     # column = prompt, row = seed, as in the reference sheets
@@ -559,7 +936,7 @@ def log_wandb_artifacts(accelerator, output_dir, best_checkpoint):
     run = accelerator.get_tracker("wandb", unwrap=True)
     model = wandb.Artifact(f"pokesprite-{run.id}", type="model")
     for path in Path(output_dir).iterdir():
-        if path.is_file():
+        if path.is_file() and path.name != LOCK_FILE:  # the run lock is training state, not the model
             model.add_file(str(path))
     run.log_artifact(model, aliases=["latest", "final"])
     if best_checkpoint is not None and best_checkpoint.exists():
@@ -600,6 +977,7 @@ def stop_signals():
             signal.signal(s, handler)
 
 
+@releasing_run_lock
 def main(args):
     cfg = load_config(args)
     train_cfg, data_cfg, out_cfg = cfg["training"], cfg["data"], cfg["output"]
@@ -637,8 +1015,10 @@ def main(args):
     splits = load_splits(data_cfg["dataset"])
     batch_size = train_cfg["train_batch_size"]
     n_train = len(splits["train"])
-    if n_train < batch_size:
-        raise PreflightError(f"the train split has {n_train} rows, fewer than --train_batch_size {batch_size}")
+    check_split_sizes(splits, data_cfg["dataset"], batch_size, accelerator.num_processes)
+    # one run per output_dir, before --resume deletes partial folders (they could be another run's) or the model loads
+    acquire_run_lock(accelerator, output_dir)
+    resume_candidates = find_resume_checkpoint(accelerator, output_dir, args.resume, ema=train_cfg["ema_decay"] > 0) if args.resume else []
 
     # model (the same initial weights on every process: seed before building it)
     set_seed(train_cfg["seed"])
@@ -672,11 +1052,9 @@ def main(args):
     train_loader = torch.utils.data.DataLoader(torch.arange(n_train), batch_size=batch_size, shuffle=True, drop_last=True, generator=loader_generator())
     val_loader = torch.utils.data.DataLoader(torch.arange(len(val["pixels"])), batch_size=batch_size, generator=loader_generator())
     generator = torch.Generator().manual_seed(train_cfg["seed"])  # fixed validation noise, the same every time
-    val_noise = model.make_noise(len(val["pixels"]), generator).to(accelerator.device)
-    val_timesteps = None
-    if config.generator_type == "diffusion":
-        val_noise = torch.randn(val["pixels"].shape, generator=generator).to(accelerator.device)
-        val_timesteps = torch.randint(0, config.num_train_timesteps, (len(val["pixels"]),), generator=generator).to(accelerator.device)
+    val_noise = model.make_noise(len(val["pixels"]), generator)
+    val_timesteps = model.generator.draw_timesteps(len(val["pixels"]), generator)  # None for the decoder
+    val_timesteps = None if val_timesteps is None else val_timesteps.to(accelerator.device)
     prompts = list(splits["validation"]["text"][: train_cfg["num_validation_prompts"]])
 
     # optimizer
@@ -705,13 +1083,10 @@ def main(args):
 
     # resume
     global_step, epoch, batches_done, best = 0, 0, 0, {"loss": math.inf, "step": None}
-    if args.resume:
-        checkpoint = find_resume_checkpoint(accelerator, output_dir, args.resume)
-        if checkpoint is not None:
-            load_checkpoint(accelerator, checkpoint, ema)
-            state = json.loads((checkpoint / "trainer_state.json").read_text())
-            global_step, epoch, batches_done, best = state["global_step"], state["epoch"], state["batches_done"], state["best"]
-            logger.info(f"Resuming from {checkpoint} at step {global_step} (epoch {epoch}, batch {batches_done})", main_process_only=True)
+    if resume_candidates:  # verified before anything loaded; a checkpoint that does not load falls back to the previous
+        checkpoint, state = resume_from(accelerator, resume_candidates, ema)
+        global_step, epoch, batches_done, best = state["global_step"], state["epoch"], state["batches_done"], state["best"]
+        logger.info(f"Resuming from {checkpoint} at step {global_step} (epoch {epoch}, batch {batches_done})", main_process_only=True)
 
     net = lambda: ema.module if ema is not None else accelerator.unwrap_model(model)
     total_batch = batch_size * accelerator.num_processes * train_cfg["gradient_accumulation_steps"]
@@ -760,7 +1135,7 @@ def main(args):
                     optimizer.zero_grad(set_to_none=True)
                 busy += time.perf_counter() - started
                 if not bad_batch:
-                    for name in ("loss", "l1_loss", "mse_loss", "attention_loss", "diffusion_loss"):
+                    for name in ("loss", "l1_loss", "mse_loss", "attention_loss"):
                         if getattr(out, name) is not None:
                             sums[name] = sums.get(name, 0.0) + out[name].detach().float()
                     counted += 1
