@@ -36,7 +36,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as torch_load_weights_only
 from huggingface_hub import HfApi, ModelCardData
 from safetensors.torch import load_file, save_file
@@ -694,12 +694,11 @@ def resume_from(accelerator, candidates, ema):
             state = load_checkpoint(accelerator, checkpoint, ema)
         except CheckpointError as e:
             error = str(e)
-        failed = torch.tensor(float(error is not None), device=accelerator.device)
-        if accelerator.num_processes > 1:  # every process must resume from the same checkpoint
-            failed = accelerator.reduce(failed, "sum")
-        if not failed.item():
+        # every process must resume from the same checkpoint: one that failed anywhere is skipped everywhere
+        errors = [e for e in (gather_object([error]) if accelerator.num_processes > 1 else [error]) if e is not None]
+        if not errors:
             return checkpoint, state
-        error = error or f"{checkpoint} did not load on another process"
+        error = errors[0]
         damaged.append(error)
         later = "falling back to the previous checkpoint" if len(candidates) > 1 else "no older checkpoint is left"
         logger.warning(f"Not resuming from {checkpoint}: {error}; {later}", main_process_only=True)
