@@ -7,9 +7,13 @@
 For each prompt it writes `<slug>-<index>.png` (RGBA with a transparent background when the model has alpha) and,
 with --attention, `<slug>-attention.png` (the first sprite and one heatmap per word); then `grid.png`, one row per
 prompt on white. A prompt and a seed give the same sprites whatever else is in the prompt list, on any device.
+
+Sprites are made --batch-size at a time and written as each batch finishes, so memory does not grow with --num;
+the sprites depend on the batch size only beyond the first batch.
 """
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -19,12 +23,21 @@ import unicodedata
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
+from safetensors import SafetensorError, safe_open
 from torchvision.transforms.functional import to_pil_image
 from transformers import AutoModel, AutoTokenizer
 
 from attention_maps import save_attention_maps, sprite_grid
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+MAX_PROMPTS_FILE_BYTES = 1024 * 1024  # read no more of --prompts-file than this (/dev/zero must not fill memory)
+MAX_PROMPTS = 10_000  # prompts in one run
+DEFAULT_BATCH_SIZE = 64  # sprites per model.generate call: bounds peak memory whatever --num is
+MAX_BATCH_SIZE = 4096
+GRID_MAX_ROWS, GRID_MAX_COLUMNS = 64, 16  # grid.png shows at most this many prompts and sprites of each
 
 
 class GenerateError(Exception):
@@ -39,12 +52,17 @@ def parse_args(argv=None):
                         help="a trained model folder or Hub id (default: $POKESPRITE_MODEL or outputs/pokesprite)")
     parser.add_argument("--revision", help="Hub branch, tag or commit to load; pin a commit to pin the model's code")
     parser.add_argument("--num", type=positive_int, default=8, help="sprites per prompt")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same sprites")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help=f"the same seed gives the same sprites (0 to {MAX_SEED})")
+    parser.add_argument("--batch-size", type=batch_size_int, default=DEFAULT_BATCH_SIZE,
+                        help="sprites generated at once; lower it if memory runs out (default: %(default)s)")
     parser.add_argument("--out", default="sprites", help="output folder, created if missing")
     parser.add_argument("--attention", action="store_true", help="also write each prompt's per-word attention heatmaps")
     parser.add_argument("--guidance-scale", type=float, help="diffusion models: classifier-free guidance (default: the model's)")
     parser.add_argument("--steps", type=positive_int, help="diffusion models: DDIM sampling steps (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar over the sampling steps (for logs)")
     return parser.parse_args(argv)
 
 
@@ -52,6 +70,35 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def batch_size_int(text):
+    value = positive_int(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_SIZE}, got {value}")
+    return value
+
+
+def seed_int(text):
+    """A seed torch.Generator.manual_seed accepts, checked before the model loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED} (2**64 - 1), got {value}")
+    return value
+
+
+def check_seed(seed):
+    """`seed` as an int, or a GenerateError when it is not a whole number from 0 to MAX_SEED (for the web demo)."""
+    try:
+        value = int(seed)
+    except (TypeError, ValueError, OverflowError):  # None, NaN, infinity, text
+        raise GenerateError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    if value != seed or not 0 <= value <= MAX_SEED:
+        raise GenerateError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     return value
 
 
@@ -68,10 +115,7 @@ def read_prompts(args):
         prompts.append((prompt.strip(), where))
     if args.prompts_file:
         path = Path(args.prompts_file)
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of line 1
-        except (OSError, UnicodeDecodeError) as e:
-            raise GenerateError(f"cannot read --prompts-file {path}: {getattr(e, 'strerror', None) or e}")
+        lines = read_prompts_file(path)
         found = [(line.strip(), f"line {n} of {path}") for n, line in enumerate(lines, 1)
                  if line.strip() and not line.strip().startswith("#")]
         if not found:
@@ -79,7 +123,23 @@ def read_prompts(args):
         prompts += found
     if not prompts:
         raise GenerateError("no prompt: give one, e.g. generate.py \"a small blue water turtle\", or --prompts-file FILE")
+    if len(prompts) > MAX_PROMPTS:
+        raise GenerateError(f"{len(prompts)} prompts{f' (with --prompts-file {args.prompts_file})' if args.prompts_file else ''}; "
+                            f"one run takes at most {MAX_PROMPTS}: split them into several runs")
     return prompts
+
+
+def read_prompts_file(path):
+    """The lines of `path`, reading at most MAX_PROMPTS_FILE_BYTES of it (a device or a pipe may never end)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPTS_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPTS_FILE_BYTES:
+            raise GenerateError(f"--prompts-file {path} is larger than {MAX_PROMPTS_FILE_BYTES // 1024 // 1024} MiB, the "
+                                f"most it reads; split it into smaller files (one prompt per line, at most {MAX_PROMPTS} a run)")
+        return data.decode("utf-8-sig").splitlines()  # -sig: a BOM is not part of line 1
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerateError(f"cannot read --prompts-file {path}: {getattr(e, 'strerror', None) or e}")
 
 
 def count_tokens(tokenizer, prompt, max_length):
@@ -157,6 +217,19 @@ def read_model_config(model, revision):
     return config
 
 
+def uses_guidance(model):
+    """True when the model samples in steps with classifier-free guidance (guidance_scale and num_inference_steps
+    apply). A model runs the modeling code saved with it, and models saved before `uses_guidance` existed lack it:
+    for those, every generator but the one-pass decoder samples that way."""
+    return getattr(model, "uses_guidance", model.config.generator_type != "decoder")
+
+
+def progress_option(method, progress_bar):
+    """{"progress_bar": progress_bar} when the model's `method` (generate, or the model itself) takes it, else {}:
+    a model runs the code saved with it, which may predate the progress bar."""
+    return {"progress_bar": progress_bar} if "progress_bar" in inspect.signature(method).parameters else {}
+
+
 def pick_device(name):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,10 +254,32 @@ def load_model(name, revision=None, device=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True, revision=revision)
         model = AutoModel.from_pretrained(name, trust_remote_code=True, revision=revision)
+    except SafetensorError as e:  # a damaged or half-copied weights file: its header does not parse
+        raise GenerateError(damaged_weights_message(name, revision, e))
     except (OSError, ValueError) as e:
         raise GenerateError(f"cannot load the model {name}: {str(e).strip().splitlines()[0]}")
     model.tokenizer = tokenizer
     return model.to(pick_device(device)).eval()
+
+
+def damaged_weights_message(name, revision, error):
+    """One line naming the weights file of `name` whose header safetensors cannot read, and what to do."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).exists():
+        files = sorted(Path(name).glob("*.safetensors"))
+    else:  # a Hub model: the copy in the local cache is the one that failed
+        cached = try_to_load_from_cache(name, "model.safetensors", revision=revision)
+        files = [Path(cached)] if isinstance(cached, str) else []
+    damaged = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            damaged.append(str(path))
+    where = ", ".join(damaged) if damaged else f"a weights file of {name}"
+    return (f"cannot load the model {name}: {where} is not a readable safetensors file ({reason}); "
+            f"it is damaged or incompletely copied: copy, download or save it again")
 
 
 def main(argv=None):
@@ -199,33 +294,45 @@ def main(argv=None):
         check_prompt(tokenizer, prompt, where, model.config.max_text_length)
     # the sprites and the attention figure are sampled the same way; None: the model's config says
     sampling = {}
-    if model.config.generator_type == "diffusion":
+    if uses_guidance(model):
         sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
     elif args.guidance_scale is not None or args.steps is not None:
-        print("warning: --guidance-scale and --steps apply to diffusion models; this is a decoder model, so they are ignored",
-              file=sys.stderr)
+        print(f"warning: --guidance-scale and --steps apply to models that sample in steps with guidance (diffusion); "
+              f"this {model.config.generator_type} model makes a sprite in one pass, so they are ignored", file=sys.stderr)
+    options = progress_option(model.generate, args.progress)
 
     written, grid = [], []
     width = max(2, len(str(args.num - 1)))
-    for (prompt, _), slug in zip(prompts, unique_slugs([p for p, _ in prompts])):
+    columns = min(args.num, GRID_MAX_COLUMNS)
+    for row, ((prompt, _), slug) in enumerate(zip(prompts, unique_slugs([p for p, _ in prompts]))):
         # a fresh generator per prompt: its sprites do not depend on the other prompts of the run
         generator = torch.Generator().manual_seed(args.seed)
-        sprites = model.generate([prompt], num_images_per_prompt=args.num, generator=generator, **sampling).cpu()
-        for i, sprite in enumerate(sprites):
-            path = out / f"{slug}-{i:0{width}d}.png"
-            to_pil_image((sprite * 255).round().to(torch.uint8)).save(path)
-            written.append(path)
-        grid.append(sprites)
+        shown = []  # this prompt's sprites for grid.png: the first `columns`, copied out of their batch
+        for start in range(0, args.num, args.batch_size):  # --batch-size at a time, each written before the next
+            count = min(args.batch_size, args.num - start)
+            sprites = model.generate([prompt], num_images_per_prompt=count, generator=generator, **sampling, **options).cpu()
+            for i, sprite in enumerate(sprites, start):
+                path = out / f"{slug}-{i:0{width}d}.png"
+                to_pil_image((sprite * 255).round().to(torch.uint8)).save(path)
+                written.append(path)
+            if row < GRID_MAX_ROWS and start < columns:
+                shown.append(sprites[: columns - start].clone())
+            if args.num > args.batch_size:
+                print(f"  {start + count}/{args.num} sprites written", file=sys.stderr)
+            del sprites
+        if shown:
+            grid.append(torch.cat(shown))
         print(f"{prompt!r}: {args.num} sprites -> {out / slug}-*.png")
         if args.attention:
             path = out / f"{slug}-attention.png"
-            words = save_attention_maps(model, prompt, path, seed=args.seed, tokenizer=tokenizer, **sampling)
+            words = save_attention_maps(model, prompt, path, seed=args.seed, tokenizer=tokenizer, **sampling,
+                                        **progress_option(model.forward, args.progress))
             written.append(path)
             print(f"  attention over {len(words)} tokens -> {path}")
     path = out / "grid.png"
-    sprite_grid(torch.cat(grid), nrow=args.num).save(path)
+    sprite_grid(torch.cat(grid), nrow=columns).save(path)
     written.append(path)
-    print(f"grid ({len(prompts)} prompts x {args.num} seeds) -> {path}")
+    print(f"grid ({len(grid)} of {len(prompts)} prompts x {columns} of {args.num} sprites) -> {path}")
     return written
 
 

