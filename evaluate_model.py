@@ -16,6 +16,16 @@ local `evaluate` modules in `metrics/` (see each module's docstring for the defi
 
 It writes `eval.json` and sample sheets (columns = prompts, rows = seeds): `validation-prompts.png`, and
 `new-descriptions.png` for the descriptions in `--new_descriptions`.
+
+`--reference` scores what a model is measured against, through the same metrics, instead of a model:
+
+    python evaluate_model.py --reference retrieval --dataset data/pokesprite --out outputs/eval-retrieval
+
+- real: the true validation sprites (the ceiling); "seed" k > 0 is the real sprite of another caption, so its
+  diversity is that between different real sprites;
+- retrieval: a copy machine, the training sprite of the nearest training caption (cosine similarity of the text
+  encoder's mean-pooled features), the k-th nearest for seed k;
+- mean: the mean training sprite, whatever the caption.
 """
 
 import argparse
@@ -25,17 +35,24 @@ from pathlib import Path
 
 import evaluate
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
+
+from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
 from train_accelerate import load_splits, split_to_tensors
 
 METRICS_DIR = Path(__file__).parent / "metrics"
+REFERENCES = ("real", "retrieval", "mean")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved model folder or Hub id")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a saved model folder or Hub id")
+    what.add_argument("--reference", choices=REFERENCES, help="score a reference instead of a model (see above)")
+    parser.add_argument("--text_encoder", default="sentence-transformers/all-MiniLM-L6-v2",
+                        help="--reference retrieval: the BERT whose pooled features find the nearest caption")
     parser.add_argument("--revision", default=None, help="Hub revision to pin")
     parser.add_argument("--dataset", required=True, help="prepare_dataset.py output folder or Hub dataset id")
     parser.add_argument("--out", default="outputs/eval", help="where eval.json and the sheets go")
@@ -43,9 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=4, help="sprites per caption, one per seed")
     parser.add_argument("--sheet_prompts", type=int, default=32, help="captions across each sample sheet")
     parser.add_argument("--new_descriptions", default=None, help="text file, one description per line (# comments)")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="diffusion only; default: the model's")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="diffusion only; default: the model's")
-    parser.add_argument("--eta", type=float, default=None, help="diffusion only; 0 = deterministic DDIM")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM only; 0 = deterministic")
     parser.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state_dict for real FID")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,7 +84,8 @@ def generate_per_seed(model, prompts, seeds, batch_size=256, **sampling):
         chunks = []
         for i in range(0, len(prompts), batch_size):
             with autocast:
-                chunks.append(model.generate(prompts[i : i + batch_size], generator=generator, **sampling).float().cpu())
+                chunks.append(model.generate(prompts[i : i + batch_size], generator=generator, progress_bar=False,
+                                             **sampling).float().cpu())
         per_seed.append(torch.cat(chunks))
     return per_seed
 
@@ -77,23 +95,47 @@ def sample_sheet(per_seed, n):
     return sprite_grid(torch.cat([images[:n] for images in per_seed]), nrow=n, scale=1)
 
 
-def compute_metrics(model, splits, num_prompts=128, seeds=4, batch_size=256, inception_weights=None, **sampling):
+@torch.no_grad()
+def reference_per_seed(kind, prompts, val, train, seeds, train_texts=None, text_encoder=None, batch_size=256):
+    """What a reference draws for `prompts` (their true sprites are `val`), as `generate_per_seed` returns it."""
+    if kind == "mean":
+        return [train.mean(0, keepdim=True).expand(len(prompts), -1, -1, -1)] * seeds
+    if kind == "real":
+        return [val.roll(-k, dims=0) for k in range(seeds)]
+    tokenizer, bert = AutoTokenizer.from_pretrained(text_encoder), AutoModel.from_pretrained(text_encoder).eval()
+
+    def pooled(texts):
+        chunks = []
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, return_tensors="pt")
+            hidden = bert(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            chunks.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        return torch.cat(chunks)
+
+    nearest = (pooled(prompts) @ pooled(train_texts).T).topk(seeds, dim=1).indices  # (prompts, seeds)
+    return [train[nearest[:, k]] for k in range(seeds)]
+
+
+def compute_metrics(splits, sprites_for, tokenizer, config, num_prompts=128, seeds=4, inception_weights=None):
     """Every metric of the module docstring, for the first `num_prompts` validation captions.
 
-    Returns (metrics, per_seed images). Used by this script and by the trainer at validation time.
+    `sprites_for(prompts, seeds, val, train)` returns the sprites to score (a list of one (N, C, H, W) tensor in
+    [0, 1] per seed); `val` and `train` are the dataset's sprites, decoded as `config` says. Returns (metrics,
+    per_seed images).
     """
     val_split = splits["validation"].select(range(min(num_prompts, len(splits["validation"]))))
     prompts = list(val_split["text"])
-    val = split_to_tensors(val_split, model.tokenizer, model.config)["pixels"].float() / 255
-    train = split_to_tensors(splits["train"], model.tokenizer, model.config)["pixels"].float() / 255
+    val = split_to_tensors(val_split, tokenizer, config)["pixels"].float() / 255
+    train = split_to_tensors(splits["train"], tokenizer, config)["pixels"].float() / 255
     start = time.time()
-    per_seed = generate_per_seed(model, prompts, seeds, batch_size, **sampling)
+    per_seed = sprites_for(prompts, seeds, val, train)
     seconds = time.time() - start
     first = per_seed[0]
     everything = torch.cat(per_seed)
     load = lambda name: evaluate.load(str(METRICS_DIR / name))
 
-    metrics = {"num_prompts": len(prompts), "seeds": seeds, "sprites_per_second": len(everything) / seconds}
+    metrics = {"num_prompts": len(prompts), "seeds": seeds, "seconds_per_sprite": seconds / len(everything)}
     group_ids = list(range(len(prompts))) * seeds
     metrics.update(prefixed("diversity", load("diversity").compute(predictions=everything, group_ids=group_ids)))
     metrics.update(prefixed("memorisation", load("memorisation").compute(predictions=first, references=val, train_images=train)))
@@ -114,17 +156,28 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision).to(args.device).eval()
-    sampling = {}
-    if model.config.generator_type == "diffusion":
-        sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps, "eta": args.eta}
     splits = load_splits(args.dataset)
+    sampling = {}
+    if args.model:
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision).to(args.device).eval()
+        if model.uses_guidance:
+            sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps, "eta": args.eta}
+        tokenizer, config = model.tokenizer, model.config
+        sprites_for = lambda prompts, seeds, val, train: generate_per_seed(model, prompts, seeds, args.batch_size, **sampling)
+        about = {"model": args.model, "generator_type": model.config.generator_type}
+    else:
+        train_texts = list(splits["train"]["text"])
+        sprites_for = lambda prompts, seeds, val, train: reference_per_seed(
+            args.reference, prompts, val, train, seeds, train_texts, args.text_encoder, args.batch_size)
+        # the sprites as a default model would see them; captions are only used by the retrieval's own tokenizer
+        tokenizer, config = AutoTokenizer.from_pretrained(args.text_encoder), PokeSpriteConfig()
+        about = {"reference": args.reference}
 
-    metrics, per_seed = compute_metrics(model, splits, args.num_prompts, args.seeds, args.batch_size, args.inception_weights, **sampling)
-    metrics.update({"model": args.model, "generator_type": model.config.generator_type})
+    metrics, per_seed = compute_metrics(splits, sprites_for, tokenizer, config, args.num_prompts, args.seeds, args.inception_weights)
+    metrics.update(about)
     metrics.update({k: v for k, v in sampling.items() if v is not None})
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
-    if args.new_descriptions:
+    if args.new_descriptions and args.model:
         descriptions = read_descriptions(args.new_descriptions)
         new = generate_per_seed(model, descriptions, 2, args.batch_size, **sampling)
         sample_sheet(new, len(descriptions)).save(out / "new-descriptions.png")

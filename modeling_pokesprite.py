@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
@@ -752,5 +752,8 @@ def to_pil(images):
 # AutoModel.from_pretrained(..., trust_remote_code=True) can rebuild the model from the folder or the Hub alone
 PokeSpriteConfig.register_for_auto_class()
 PokeSpriteModel.register_for_auto_class("AutoModel")
+# and in a process that imported this file, AutoConfig/AutoModel know "pokesprite" without trust_remote_code
+AutoConfig.register(PokeSpriteConfig.model_type, PokeSpriteConfig, exist_ok=True)
+AutoModel.register(PokeSpriteConfig, PokeSpriteModel, exist_ok=True)
 
 __all__ = ["GENERATORS", "PokeSpriteModel", "PokeSpriteOutput"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 5/7 results on one GPU, inside one device session: train both generator types on the shared Pokémon data
-# with the project's own trainer, evaluate them, and benchmark the training step. Everything it needs travels in
+# Results on one GPU in one sitting: train the three generator types on the shared Pokémon data with the project's
+# own trainer, evaluate them, and benchmark the training step. Everything it needs travels in
 # .gpu/ (prepared dataset, MiniLM in fp16, wheels the GPU image lacks):
 #   prepare:  trimmed transformers 5.24 (models/bert, auto, align, encoder_decoder) as .gpu/transformers-5.24-trimmed.tgz,
 #             MiniLM saved in fp16 as .gpu/minilm, wheels of datasets/dill/multiprocess/evaluate/fsspec in .gpu/whl,
@@ -12,6 +12,7 @@ RUN=/tmp/runs
 # sizes; a CPU dry run of this script shrinks them through the environment
 DECODER_STEPS=${DECODER_STEPS:-2500} DECODER_BATCH=${DECODER_BATCH:-64} DECODER_BUDGET=${DECODER_BUDGET:-150}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-2000} DIFFUSION_BATCH=${DIFFUSION_BATCH:-128} DIFFUSION_BUDGET=${DIFFUSION_BUDGET:-270}
+FLOW_STEPS=${FLOW_STEPS:-3750} FLOW_BATCH=${FLOW_BATCH:-128} FLOW_BUDGET=${FLOW_BUDGET:-270}
 EVAL_PROMPTS=${EVAL_PROMPTS:-128} PRECISION=${PRECISION:-bf16} BENCH_STEPS=${BENCH_STEPS:-30}
 mkdir -p "$OUT" "$RUN"
 if ! python3 -c "import datasets, evaluate" 2>/dev/null; then  # the GPU image lacks them
@@ -46,12 +47,14 @@ train() {  # name steps batch budget_s extra flags...
   pack
 }
 
-pack() {  # the tool brings back at most 8 files, 2 folders down: results travel as one archive, refreshed per stage
+pack() {  # results travel as one archive, refreshed after every stage, so a run cut short still returns its part
   tar czf /tmp/results.tgz -C "$OUT" --exclude results.tgz . && cp /tmp/results.tgz "$OUT/results.tgz"
 }
 
 train decoder "$DECODER_STEPS" "$DECODER_BATCH" "$DECODER_BUDGET" --generator_type decoder --ema_decay 0 --lr_warmup_steps 100 2>&1 | tee -a "$OUT/log.txt"
 train diffusion "$DIFFUSION_STEPS" "$DIFFUSION_BATCH" "$DIFFUSION_BUDGET" --generator_type diffusion --ema_decay 0.995 --learning_rate 3e-4 2>&1 | tee -a "$OUT/log.txt"
+# the CPU preset's flow generator, at a GPU's batch size (the later --config wins)
+train flow "$FLOW_STEPS" "$FLOW_BATCH" "$FLOW_BUDGET" --config config/cpu.yaml 2>&1 | tee -a "$OUT/log.txt"
 
 evaluate() {  # run name, results name, sampling flags...
   local name=$1 result=$2; shift 2
@@ -61,9 +64,10 @@ evaluate() {  # run name, results name, sampling flags...
 }
 evaluate decoder decoder
 evaluate diffusion diffusion
+evaluate flow flow
 # the sampler's variety knob: eta 1 adds fresh noise at every step (DDPM-like) instead of deterministic DDIM
 evaluate diffusion diffusion-eta1 --eta 1.0
-for name in decoder diffusion; do
+for name in decoder diffusion flow; do
   cp "$RUN/$name/README.md" "$OUT/$name/model_card.md" 2>/dev/null
   cp -r "$RUN/$name/logs" "$RUN/$name/samples" "$OUT/$name/" 2>/dev/null
 done

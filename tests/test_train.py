@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import prepare_dataset
@@ -135,6 +136,22 @@ def decoder_run(colour_dataset_dir, tmp_path_factory):
     return output_dir
 
 
+@pytest.fixture(scope="module")
+def flow_run(colour_dataset_dir, tmp_path_factory):
+    """The flow generator at a tiny width on 2x2 patches (16/8/4 px), 300 steps of 16 sprites."""
+    output_dir = tmp_path_factory.mktemp("flow") / "run"
+    config = output_dir.parent / "flow.yaml"
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"]["diffusion"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_attention_resolutions=[8, 4],
+                                     num_inference_steps=8)
+    config.write_text(yaml.safe_dump(cfg))
+    train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", "flow", "--max_train_steps", 300,
+          "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",
+          "--lr_warmup_steps", 10, "--validation_steps", 100, "--checkpointing_steps", 1000, "--ema_decay", 0.98,
+          "--report_to", "tensorboard")
+    return output_dir
+
+
 # a run leaves checkpoints, logs, a model and a card
 
 
@@ -248,8 +265,15 @@ def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
     assert val[400] < 0.6 * val[0], val
 
 
-def test_decoder_learns_colour_words_red_caption_gives_redder_sprites_than_blue(decoder_run):
-    model = PokeSpriteModel.from_pretrained(decoder_run).eval()
+def test_flow_learns_validation_loss_falls_well_below_its_start(flow_run):
+    val = scalars(flow_run / LOGS)["val/loss"]
+    assert sorted(val) == [0, 100, 200, 300]
+    assert val[300] < 0.6 * val[0], val
+
+
+@pytest.mark.parametrize("run", ["decoder_run", "flow_run"])
+def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
+    model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()
     scores = {}
     for colour in ("red", "blue"):
         prompts = [f"a large round {colour} creature with two ears, two eyes and a tail",

