@@ -3,8 +3,10 @@
 
     python scripts/export_checkpoint.py outputs/cpu/checkpoint-1250 outputs/cpu-step1250
 
-The architecture and tokenizer come from the finished run's folder (the checkpoint's parent), the weights from the
-checkpoint: its EMA weights when the run kept an EMA (what the final model holds too), else the trained ones.
+The architecture and tokenizer come from a saved model of the same config (default: the finished run's folder, the
+checkpoint's parent; `--like` names another, e.g. a short run of the same YAML while the long one still trains),
+the weights from the checkpoint: its EMA weights when the run kept an EMA (what the final model holds too), else
+the trained ones.
 """
 import argparse
 import sys
@@ -16,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_pokesprite import PokeSpriteModel  # noqa: E402
 
 
-def export(checkpoint, destination):
+def export(checkpoint, destination, like=None):
     checkpoint = Path(checkpoint)
-    run = checkpoint.parent
+    run = Path(like) if like else checkpoint.parent
     if not (run / "config.json").is_file():
-        raise SystemExit(f"error: {run} has no config.json: export needs the folder of a finished run")
+        raise SystemExit(f"error: {run} has no config.json: pass --like a saved model of the same config")
     model = PokeSpriteModel.from_pretrained(run)
     ema = checkpoint / "ema.safetensors"
     if ema.is_file():  # torch.optim.swa_utils.AveragedModel: the model's keys under "module.", and a step counter
@@ -36,6 +38,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint-N folder inside a finished run's output_dir")
     parser.add_argument("destination", help="where the model folder goes")
+    parser.add_argument("--like", help="a saved model of the same config (default: the checkpoint's run folder)")
     args = parser.parse_args()
-    export(args.checkpoint, args.destination)
+    export(args.checkpoint, args.destination, args.like)
     print(f"saved {args.destination}")
