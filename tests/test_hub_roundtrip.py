@@ -1,16 +1,16 @@
 """What the pushes upload loads back from a Hub, the way a user loads it.
 
-A local Hub (olah, tests/hub_mirror.py) serves the exact folder each push would upload, committed into a mirror
-repo. The clients run in a subprocess with HF_ENDPOINT pointing at the mirror and a fresh HF_HOME, so nothing can
-come from this process or a cache:
+Each push runs for real in a fresh interpreter against a local Hub (stock olah serving git repos,
+tests/hub_mirror.py): HfApi's write calls are recorded and what they upload is committed into the repo olah serves;
+its reads are real HTTP calls. The clients then run in a subprocess with HF_ENDPOINT pointing at the local Hub, a
+fresh HF_HOME and the pushed commit's sha as revision, so nothing can come from this process or a cache:
 
 - the model: `train_accelerate.push_to_hub` runs on a trainer-like output folder (model, tokenizer, card and
-  sample grid next to checkpoints, logs and samples) with HfApi's two calls recorded; the files its upload_folder
-  call selects become the repo. AutoModel/AutoTokenizer with trust_remote_code give the local model's sprites,
-  and so does `generate.py --model <repo id>`.
-- the dataset: `prepare_dataset.py`'s saved folder, pushed as `push_dataset` does (its card first, then
-  `DatasetDict.push_to_hub`, whose files `hub_mirror.dataset_push_folder` writes), loads back with
-  `load_dataset` row for row and pixel for pixel.
+  sample grid next to checkpoints, logs and samples); the repo holds the final model and nothing else.
+  AutoModel/AutoTokenizer with trust_remote_code give the local model's sprites, and so does
+  `generate.py --model <repo id>`.
+- the dataset: `prepare_dataset.push_dataset` on a saved folder (its card first, then `DatasetDict.push_to_hub`)
+  loads back with `load_dataset` row for row and pixel for pixel.
 
 An upload to the real Hub runs only with HF_TOKEN set and huggingface.co reachable.
 """
@@ -22,7 +22,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import uuid
 from pathlib import Path
 
@@ -31,26 +30,17 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 import prepare_dataset
 import train_accelerate
 from attention_maps import sprite_grid
-from hub_mirror import dataset_push_folder, hub_env, hub_mirror  # noqa: F401  (hub_mirror is a fixture)
+from hub_mirror import hub_env, hub_mirror, push, record_uploads, run_client  # noqa: F401  (hub_mirror is a fixture)
 from test_generate import MINILM, model_sprites, pixels, save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = "test-user/pokesprite-tiny"
 DATASET_REPO = "test-user/pokesprite-synthetic"
 PROMPT = "a small blue water turtle"
-
-
-def run_client(code, env, *args, timeout=180):
-    """`code` in a fresh interpreter with `env`; it prints one JSON line last."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"client failed ({result.returncode}):\n{result.stderr[-6000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def trainer_like_output(output_dir):
@@ -81,54 +71,33 @@ def trainer_like_output(output_dir):
     return model
 
 
-def push_with_recorded_hub(output_dir, upload_dir, repo_id):
-    """Run train_accelerate.push_to_hub with HfApi.create_repo/upload_folder recorded; copy into `upload_dir` the
-    files upload_folder would send: its arguments' patterns plus huggingface_hub's own defaults, applied by
-    huggingface_hub's filter_repo_objects, as upload_folder does."""
-    calls = {}
-
-    def create_repo(self, repo_id, *, private=False, exist_ok=False, **kwargs):
-        calls["create_repo"] = {"repo_id": repo_id, "private": private, "exist_ok": exist_ok}
-
-    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None, **kwargs):
-        calls["upload_folder"] = {"repo_id": repo_id, "ignore_patterns": list(ignore_patterns or [])}
-        folder = Path(folder_path)
-        files = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
-        ignore = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
-        for relpath in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore):
-            (upload_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / relpath, upload_dir / relpath)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(HfApi, "create_repo", create_repo)
-        patch.setattr(HfApi, "upload_folder", upload_folder)
-        assert train_accelerate.push_to_hub(output_dir, repo_id) == repo_id
-    return calls
-
-
 @pytest.fixture(scope="module")
 def pushed_model(hub_mirror, tmp_path_factory):
-    """(local model, trainer output folder, commit sha) of the tiny model pushed into the mirror."""
+    """(local model, trainer output folder, commit sha, recorded HfApi calls) of the tiny model that
+    train_accelerate.push_to_hub pushed into the local Hub."""
     output_dir = tmp_path_factory.mktemp("outputs") / "pokesprite"
     output_dir.mkdir()
     model = trainer_like_output(output_dir)
-    upload_dir = tmp_path_factory.mktemp("upload")
-    calls = push_with_recorded_hub(output_dir, upload_dir, MODEL_REPO)
-    assert calls["create_repo"]["repo_id"] == calls["upload_folder"]["repo_id"] == MODEL_REPO
-    return model, output_dir, hub_mirror.add_repo(MODEL_REPO, upload_dir)
+    with record_uploads(hub_mirror.mirrors) as calls:
+        assert train_accelerate.push_to_hub(output_dir, MODEL_REPO) == MODEL_REPO
+    return model, output_dir, calls[-1]["sha"], calls
 
 
 # the model
 
 
 def test_pushed_model_repo_holds_the_model_code_tokenizer_and_card_but_no_training_state(pushed_model, hub_mirror):
-    _, output_dir, sha = pushed_model
+    _, output_dir, sha, calls = pushed_model
     repo = hub_mirror.repo_path(MODEL_REPO)
     tree = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", sha], capture_output=True,
                           text=True, check=True).stdout.split()
 
     top_level = sorted(p.name for p in output_dir.iterdir() if p.is_file())
-    assert sorted(tree) == top_level  # every file of the final model, and nothing from a subfolder
+    assert [c["call"] for c in calls] == ["create_repo", "upload_folder", "create_commit"]  # one commit
+    assert calls[0] == {"call": "create_repo", "repo_id": MODEL_REPO, "repo_type": None, "private": False,
+                        "exist_ok": True}
+    assert calls[1]["repo_id"] == MODEL_REPO and calls[1]["ignore_patterns"] == train_accelerate.PUSH_IGNORE_PATTERNS
+    assert calls[2]["added"] == sorted(tree) == top_level  # every file of the final model, and nothing from a subfolder
     assert {"config.json", "configuration_pokesprite.py", "modeling_pokesprite.py", "model.safetensors",
             "tokenizer.json", "tokenizer_config.json", "README.md", "samples.png"} <= set(tree)
     config = json.loads((repo / "config.json").read_text())
@@ -142,29 +111,37 @@ MODEL_CLIENT = """
 import json, sys
 import torch
 from transformers import AutoModel, AutoTokenizer
+from pathlib import Path
+import huggingface_hub.constants as c
 repo, sha, prompt, out = sys.argv[1:5]
 model = AutoModel.from_pretrained(repo, trust_remote_code=True, revision=sha).eval()
 model.tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True, revision=sha)
 torch.save(model.generate([prompt], num_images_per_prompt=3, generator=torch.Generator().manual_seed(0)), out)
-print(json.dumps({"module": type(model).__module__, "class": type(model).__name__}))
+snapshots = Path(c.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+print(json.dumps({"module": type(model).__module__, "class": type(model).__name__,
+                  "config_class": type(model.config).__name__, "endpoint": c.ENDPOINT,
+                  "snapshots": sorted(p.name for p in snapshots.iterdir())}))
 """
 
 
 def test_model_from_the_hub_makes_the_same_sprites_as_the_local_model(pushed_model, hub_mirror, tmp_path):
-    model, _, sha = pushed_model
+    model, _, sha, _ = pushed_model
     out = run_client(MODEL_CLIENT, hub_env(hub_mirror.endpoint, tmp_path / "hf_home"), MODEL_REPO, sha, PROMPT,
                      tmp_path / "sprites.pt")
 
+    assert out["endpoint"] == hub_mirror.endpoint and out["snapshots"] == [sha]  # all of it over HTTP, at that commit
     assert out["class"] == "PokeSpriteModel" and out["module"].startswith("transformers_modules.")  # the repo's code
+    assert out["config_class"] == "PokeSpriteConfig"
     local = model.generate([PROMPT], num_images_per_prompt=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.load(tmp_path / "sprites.pt"), local)
 
 
 def test_generate_py_takes_a_hub_repo_id(pushed_model, hub_mirror, tmp_path):
-    model, _, _ = pushed_model
+    model, _, sha, _ = pushed_model
     out = tmp_path / "sprites"
     result = subprocess.run(
-        [sys.executable, "generate.py", PROMPT, "--model", MODEL_REPO, "--num", "2", "--out", str(out)], cwd=REPO_ROOT,
+        [sys.executable, "generate.py", PROMPT, "--model", MODEL_REPO, "--revision", sha, "--num", "2", "--out", str(out)],
+        cwd=REPO_ROOT,
         env=hub_env(hub_mirror.endpoint, tmp_path / "hf_home"), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -197,11 +174,16 @@ def test_pushed_dataset_loads_back_with_the_same_rows_and_pixels(hub_mirror, tmp
     saved = prepare_dataset.save_dataset(splits, tmp_path / "pokesprite", card=prepare_dataset.dataset_card(
         splits, report=report, synthetic=True, repo_id=DATASET_REPO))
     # push_dataset: the card first, then DatasetDict.push_to_hub, which merges its metadata into that card
-    upload = tmp_path / "upload"
-    upload.mkdir()
-    shutil.copyfile(saved / "README.md", upload / "README.md")
-    dataset_push_folder(load_from_disk(str(saved)), upload)
-    sha = hub_mirror.add_repo(DATASET_REPO, upload, repo_type="dataset")
+    calls = push(hub_mirror, f"import prepare_dataset; prepare_dataset.push_dataset({str(saved)!r}, {DATASET_REPO!r})",
+                 tmp_path / "push_home")
+    assert [c["call"] for c in calls] == ["create_repo", "create_commit", "preupload_lfs_files", "preupload_lfs_files",
+                                          "create_commit"]
+    assert calls[0] == {"call": "create_repo", "repo_id": DATASET_REPO, "repo_type": "dataset", "private": False,
+                        "exist_ok": True}
+    assert calls[1]["added"] == ["README.md"]
+    shards = ["data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet"]
+    assert calls[4]["added"] == ["README.md", *shards] and calls[4]["deleted"] == []
+    sha = calls[4]["sha"]
 
     out = run_client(DATASET_CLIENT, hub_env(hub_mirror.endpoint, tmp_path / "hf_home"), DATASET_REPO, sha)
     local = load_from_disk(str(saved))
