@@ -26,8 +26,11 @@ class PokeSpriteConfig(PretrainedConfig):
     Text encoder (shared by both generator types):
         text_config (`dict` or `BertConfig`): architecture of the BERT text encoder; bert-mini's by default.
         model_name (`str`): the pretrained BERT the model was created from (provenance; never downloaded on load).
-        hidden_dim (`int`, 256): width of the token transformer and of the keys/values of every cross-attention.
-        nhead (`int`, 8), num_encoder_layers (`int`, 6): the transformer over BERT's tokens.
+        hidden_size (`int`, 256): width of the token transformer and of the keys/values of every cross-attention.
+        num_attention_heads (`int`, 8), num_hidden_layers (`int`, 6): the transformer over BERT's tokens (heads
+            also of every cross-attention).
+        These three are the token transformer's, on top of BERT; `text_config` has BERT's own. Configs saved before
+        they took transformers' names (`hidden_dim`, `nhead`, `num_encoder_layers`) load through `attribute_map`.
         max_text_length (`int`, 48): captions are padded/truncated to this many tokens.
         freeze_text_encoder (`bool`, True): keep BERT fixed and train only what sits on top of it.
 
@@ -62,15 +65,17 @@ class PokeSpriteConfig(PretrainedConfig):
     """
 
     model_type = "pokesprite"
+    # the PyTorch-style names of earlier config.json files (nn.TransformerEncoderLayer's) -> transformers' names
+    attribute_map = {"hidden_dim": "hidden_size", "nhead": "num_attention_heads", "num_encoder_layers": "num_hidden_layers"}
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", init_kwargs=BERT_MINI)}
 
     generator_type: str = "decoder"
     # text encoder
     text_config: dict | PretrainedConfig | None = None
     model_name: str = "prajjwal1/bert-mini"
-    hidden_dim: int = 256
-    nhead: int = 8
-    num_encoder_layers: int = 6
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    num_hidden_layers: int = 6
     max_text_length: int = 48
     freeze_text_encoder: bool = True
     # output
@@ -102,27 +107,27 @@ class PokeSpriteConfig(PretrainedConfig):
             raise ValueError(f"generator_type must be one of {', '.join(GENERATOR_TYPES)}, got {self.generator_type!r}")
         if self.num_channels not in (3, 4):
             raise ValueError(f"num_channels must be 3 (RGB) or 4 (RGBA), got {self.num_channels}")
-        if self.hidden_dim % self.nhead:
-            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nhead ({self.nhead})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
         n_up = (self.image_size // 4).bit_length() - 1
         if 4 * 2**n_up != self.image_size:
             raise ValueError(f"image_size must be 4 times a power of two, got {self.image_size}")
         bad = [r for r in self.cross_attention_resolutions if r not in [4 * 2**i for i in range(n_up)]]
         if bad:
             raise ValueError(f"cross_attention_resolutions {bad} are not decoder resolutions below {self.image_size}")
-        # every attention splits its feature map's channels among nhead heads; the decoder halves its channels
+        # every attention splits its feature map's channels among num_attention_heads heads; the decoder halves its channels
         # at each doubling, from base_channels at 4 px
         if self.base_channels < self.image_size:
             raise ValueError(f"base_channels ({self.base_channels}) must be at least image_size ({self.image_size}): the channels halve at every doubling")
         for r in self.cross_attention_resolutions:
-            if (self.base_channels * 4 // r) % self.nhead:
-                raise ValueError(f"the decoder has {self.base_channels * 4 // r} channels at {r} px, not a multiple of nhead ({self.nhead})")
+            if (self.base_channels * 4 // r) % self.num_attention_heads:
+                raise ValueError(f"the decoder has {self.base_channels * 4 // r} channels at {r} px, not a multiple of num_attention_heads ({self.num_attention_heads})")
         if self.unet_patch_size < 1 or self.image_size % self.unet_patch_size:
             raise ValueError(f"unet_patch_size ({self.unet_patch_size}) must divide image_size ({self.image_size})")
         unet_sizes = [(self.image_size // self.unet_patch_size) >> i for i in range(len(self.unet_channels))]
         for r, c in zip(unet_sizes, self.unet_channels):
-            if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.nhead:
-                raise ValueError(f"the UNet has {c} channels at {r} px, where it attends, not a multiple of nhead ({self.nhead})")
+            if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.num_attention_heads:
+                raise ValueError(f"the UNet has {c} channels at {r} px, where it attends, not a multiple of num_attention_heads ({self.num_attention_heads})")
         # json gives lists back; keep one type so saved and loaded configs compare equal
         self.cross_attention_resolutions = list(self.cross_attention_resolutions)
         self.unet_channels = list(self.unet_channels)

@@ -77,19 +77,19 @@ class PokeSpriteOutput(ModelOutput):
 
 
 class PokeSpriteTextEncoder(nn.Module):
-    """BERT, then a transformer over its tokens at `hidden_dim`: the keys and values of every cross-attention."""
+    """BERT, then a transformer over its tokens at `hidden_size`: the keys and values of every cross-attention."""
 
     def __init__(self, config):
         super().__init__()
         # no pooler: we pool ourselves, and unused parameters would break DDP once BERT is unfrozen
         self.bert = AutoModel.from_config(config.text_config, add_pooling_layer=False)
-        self.proj = nn.Linear(config.text_config.hidden_size, config.hidden_dim)
+        self.proj = nn.Linear(config.text_config.hidden_size, config.hidden_size)
         layer = nn.TransformerEncoderLayer(
-            config.hidden_dim, config.nhead, 4 * config.hidden_dim, dropout=0.1, activation="gelu",
+            config.hidden_size, config.num_attention_heads, 4 * config.hidden_size, dropout=0.1, activation="gelu",
             batch_first=True, norm_first=True,
         )
-        self.transformer = nn.TransformerEncoder(layer, config.num_encoder_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(config.hidden_dim)
+        self.transformer = nn.TransformerEncoder(layer, config.num_hidden_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.hidden_size)
         self.frozen = config.freeze_text_encoder
         if self.frozen:
             self.bert.requires_grad_(False)
@@ -117,11 +117,11 @@ class PokeSpriteCrossAttention(nn.Module):
 
     def __init__(self, config, channels):
         super().__init__()
-        self.num_heads = config.nhead
+        self.num_heads = config.num_attention_heads
         self.norm = group_norm(channels)
         self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(config.hidden_dim, channels)
-        self.to_v = nn.Linear(config.hidden_dim, channels)
+        self.to_k = nn.Linear(config.hidden_size, channels)
+        self.to_v = nn.Linear(config.hidden_size, channels)
         self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x, tokens, mask, need_weights=False):
@@ -175,7 +175,7 @@ class PokeSpriteDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.text_proj = nn.Linear(config.hidden_dim, config.text_embedding_dim)
+        self.text_proj = nn.Linear(config.hidden_size, config.text_embedding_dim)
         self.fc = nn.Linear(config.noise_dim + config.text_embedding_dim, config.base_channels * 16)
         blocks, channels, resolution = [], config.base_channels, 4
         while resolution < config.image_size:
@@ -275,7 +275,7 @@ class PokeSpriteAttentionBlock(nn.Module):
 
     def __init__(self, config, channels):
         super().__init__()
-        self.num_heads = config.nhead
+        self.num_heads = config.num_attention_heads
         self.norm = group_norm(channels)
         self.to_qkv = nn.Linear(channels, 3 * channels)
         self.to_out = nn.Linear(channels, channels)
@@ -326,7 +326,7 @@ class PokeSpriteUNet(nn.Module):
         self.base = channels[0]
         embedding_dim = 4 * self.base
         self.time_mlp = nn.Sequential(nn.Linear(self.base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
-        self.text_mlp = nn.Linear(config.hidden_dim, embedding_dim)
+        self.text_mlp = nn.Linear(config.hidden_size, embedding_dim)
         self.conv_in = nn.Conv2d(config.num_channels * p * p, self.base, 3, padding=1)
 
         self.down, skips, ch = nn.ModuleList(), [self.base], self.base
@@ -546,7 +546,7 @@ class PokeSpriteModel(PreTrainedModel):
         if generator.uses_guidance:
             # the "empty prompt": one learned token that replaces a dropped caption, and the unconditional branch
             # of classifier-free guidance at generation
-            self.null_tokens = nn.Parameter(torch.zeros(1, 1, config.hidden_dim))
+            self.null_tokens = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self._tokenizer = None
         self.post_init()
 

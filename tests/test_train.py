@@ -318,7 +318,7 @@ def test_captions_are_padded_to_the_longest_one_which_changes_no_output():
 
     torch.manual_seed(0)
     model = PokeSpriteModel.from_text_encoder(
-        str(MINILM), generator_type="decoder", hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=32,
+        str(MINILM), generator_type="decoder", hidden_size=32, num_attention_heads=4, num_hidden_layers=1, max_text_length=32,
         base_channels=64, noise_dim=8, text_embedding_dim=32,
     ).eval()
     captions = ["a red cat", "a small blue turtle with a hard shell and a curly tail"]
