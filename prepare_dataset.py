@@ -279,6 +279,19 @@ def _check_dimensions(path, width, height, size):
                             f"{size}x{size} sprite", "extreme aspect ratio")
 
 
+def fit_sprite(rgba, size):
+    """An RGBA image fitted into size x size: the one resize rule of the project (load_sprite here, and
+    data_pokesprite.split_to_tensors for a dataset of another size than the model's).
+
+    Pad instead of stretching; enlarge with NEAREST so pixel art stays crisp. Pillow resizes RGBA with premultiplied
+    alpha, so transparent pixels don't bleed dark fringes."""
+    if rgba.size == (size, size):
+        return rgba
+    enlarging = min(size / rgba.size[0], size / rgba.size[1]) > 1
+    method = Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS
+    return ImageOps.pad(rgba, (size, size), method=method, color=(0, 0, 0, 0))
+
+
 def load_sprite(path, size=64):
     """Decode any PNG, convert to RGBA (opaque alpha if it had none), fit into size x size.
 
@@ -311,12 +324,7 @@ def load_sprite(path, size=64):
         raise ImageRejected(f"{path} is blank: every pixel is fully transparent", "blank image")
     if mode == "RGBA" and original == (size, size):
         return data, mode, original  # already what we store: keep the exact bytes (and skip a slow re-encode)
-    if original != (size, size):
-        # Pad instead of stretching; enlarge with NEAREST so pixel art stays crisp. Pillow resizes
-        # RGBA with premultiplied alpha, so transparent pixels don't bleed dark fringes.
-        enlarging = min(size / original[0], size / original[1]) > 1
-        method = Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS
-        rgba = ImageOps.pad(rgba, (size, size), method=method, color=(0, 0, 0, 0))
+    rgba = fit_sprite(rgba, size)
     buffer = io.BytesIO()
     rgba.save(buffer, format="PNG")
     return buffer.getvalue(), mode, original

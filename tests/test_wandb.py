@@ -105,12 +105,6 @@ def agent_command(config, args):
     return command
 
 
-def yaml_value(cfg, key):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 # fixtures
 
 
@@ -256,8 +250,8 @@ def test_every_sweep_value_is_a_trainer_flag_that_sets_its_yaml_key(name, tmp_pa
         assert getattr(args, name) == value
         assert args.use_wandb
         cfg = train_accelerate.load_config(args)
-        assert yaml_value(cfg, train_accelerate.OVERRIDES[name]) == value
-        assert cfg["output"]["report_to"] in ("wandb", "all")
+        assert cfg.lookup(name) == value
+        assert cfg.output.report_to in ("wandb", "all")
 
 
 def test_one_agent_command_with_every_parameter_parses():
@@ -272,4 +266,4 @@ def test_one_agent_command_with_every_parameter_parses():
 def test_wandb_is_turned_on_by_report_to_or_use_wandb(flags, report_to):
     # the default YAML reports to TensorBoard; --use-wandb adds W&B to it
     cfg = train_accelerate.load_config(train_accelerate.parse_args(flags))
-    assert cfg["output"]["report_to"] == report_to
+    assert cfg.output.report_to == report_to
