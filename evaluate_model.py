@@ -40,7 +40,7 @@ from transformers import AutoModel, AutoTokenizer
 from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
-from train_accelerate import load_splits, split_to_tensors
+from data_pokesprite import load_splits, split_to_tensors
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 REFERENCES = ("real", "retrieval", "mean")

@@ -16,19 +16,20 @@ Every picture goes into --out (default outputs/example/).
 """
 
 import argparse
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from datasets import disable_progress_bars, load_from_disk
 from torchvision.transforms.functional import to_pil_image
 from transformers import AutoModel, AutoTokenizer
 
 import prepare_dataset
-import train_accelerate
 from attention_maps import attention_figure, attention_for_prompt, sprite_grid
 from modeling_pokesprite import PokeSpriteModel
 
@@ -39,21 +40,20 @@ DESCRIPTIONS = [  # in the synthetic captions' words, so that the tiny model has
 ]
 SYNTHETIC_ROWS = 96
 
-# the tiny model trained when no --model is given: config/train_config.yaml with these keys replaced
+REPO_ROOT = Path(__file__).resolve().parent
+TRAIN_CONFIG = REPO_ROOT / "config" / "train_config.yaml"
+# the tiny model trained when no --model is given: config/train_config.yaml with these settings given as flags
+# (every setting of the YAML is a flag of train_accelerate.py too)
 TINY = {
-    "model": {
-        "generator_type": "decoder",  # one forward pass per sprite: the fastest to train and to sample
-        "image_size": 32,  # a quarter of the pixels of the real 64x64 sprites, for a quarter of the time
-        "text_encoder": {"hidden_dim": 32, "nhead": 4, "num_encoder_layers": 1, "max_text_length": 24},
-        "decoder": {"noise_dim": 8, "text_embedding_dim": 32, "base_channels": 64, "cross_attention_resolutions": [8, 16]},
-    },
-    "training": {
-        "train_batch_size": 16, "learning_rate": 3.0e-3, "lr_warmup_steps": 5,
-        "ema_decay": 0.0,  # over a few hundred steps, an average of the weights lags far behind them
-        "checkpointing_steps": 1_000_000, "validation_steps": 1_000_000,  # no checkpoints; one validation at the end
-        "logging_steps": 10, "num_validation_prompts": 4,
-    },
-    "output": {"report_to": "none"},
+    "generator_type": "decoder",  # one forward pass per sprite: the fastest to train and to sample
+    "image_size": 32,  # a quarter of the pixels of the real 64x64 sprites, for a quarter of the time
+    "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1, "max_text_length": 24,
+    "noise_dim": 8, "text_embedding_dim": 32, "base_channels": 64, "cross_attention_resolutions": [8, 16],
+    "train_batch_size": 16, "learning_rate": 3.0e-3, "lr_warmup_steps": 5,
+    "ema_decay": 0.0,  # over a few hundred steps, an average of the weights lags far behind them
+    "checkpointing_steps": 1_000_000, "validation_steps": 1_000_000,  # no checkpoints; one validation at the end
+    "logging_steps": 10, "num_validation_prompts": 4,
+    "report_to": "none",
 }
 
 
@@ -87,24 +87,35 @@ def step(number, title):
     print(f"\n[{number}/5] {title}", flush=True)
 
 
-def merge(base, override):
-    """`base` with every key of `override` replaced, nested dictionaries merged."""
-    for key, value in override.items():
-        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
+def flags(settings):
+    """{"name": value} as command-line flags: --name value (a list: --name v1 v2)."""
+    argv = []
+    for name, value in settings.items():
+        argv += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def train_tiny_model(dataset, output_dir, text_encoder, steps):
-    """train_accelerate.py, in this process, on the TINY config; returns the saved model's folder."""
-    cfg = merge(yaml.safe_load(train_accelerate.DEFAULT_CONFIG.read_text()), TINY)
-    config = output_dir.parent / "tiny_config.yaml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    argv = ["--config", str(config), "--dataset", str(dataset), "--output_dir", str(output_dir),
-            "--text_encoder", text_encoder, "--max_train_steps", str(steps)]
+    """Runs train_accelerate.py as a user would, a command in its own process, with the TINY settings; returns the
+    saved model's folder. `accelerate launch train_accelerate.py ...` runs the same on one GPU or several."""
+    # the command runs from the repository root: local paths made absolute
+    local = lambda path: str(Path(path).resolve()) if Path(path).exists() else str(path)
+    dataset, output_dir, text_encoder = local(dataset), Path(output_dir).resolve(), local(text_encoder)
+    argv = ["--config", str(TRAIN_CONFIG.relative_to(REPO_ROOT)), "--dataset", dataset, "--output_dir", str(output_dir),
+            "--text_encoder", text_encoder, "--max_train_steps", str(steps), *flags(TINY)]
     print("    python train_accelerate.py " + " ".join(argv), flush=True)
-    metrics = train_accelerate.main(train_accelerate.parse_args(argv))
-    if metrics is None:  # Ctrl-C: the trainer saved a checkpoint and stopped
+    # a tour's models are too small to share out among threads (see main)
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    # the trainer's log and progress bar go to stderr: shown only if it fails
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "train_accelerate.py"), *argv], cwd=REPO_ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        print("\n".join(result.stderr.strip().splitlines()[-20:]), file=sys.stderr)
+        raise SystemExit(f"train_accelerate.py failed (exit code {result.returncode})")
+    results = output_dir / "train_results.json"  # the trainer's final metrics; absent when a signal stopped it
+    if not results.is_file():
         raise SystemExit("training stopped before the end; run the example again")
+    metrics = json.loads(results.read_text())
     print(f"    trained {metrics['step']} steps, validation loss {metrics['val_loss']:.4f}")
     return output_dir
 

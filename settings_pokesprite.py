@@ -308,6 +308,16 @@ def parse_args(argv=None):
     return make_parser().parse_args(None if argv is None else [str(a) for a in argv])
 
 
+# the nested blocks of configs written before the model: block was PokeSpriteConfig's keywords
+_FLAT = "the model: block is flat now, PokeSpriteConfig's keywords as config.json names them"
+EARLIER_LAYOUT = {
+    ("model", "text_encoder"): f"{_FLAT}: model_name, hidden_size, num_attention_heads, num_hidden_layers, "
+                               "max_text_length, freeze_text_encoder",
+    ("model", "decoder"): _FLAT, ("model", "diffusion"): _FLAT,
+    ("training", "loss"): "the loss weights l1_weight, mse_weight and attention_weight are model: keys now",
+}
+
+
 def read_config(path):
     """The YAML as {block: {key: value}}; PreflightError for a missing or invalid file and for an unknown key."""
     path = Path(path)
@@ -332,6 +342,8 @@ def read_config(path):
             unknown += [(block, key) for key in values if key not in known[block]]
     if unknown:
         def named(block, key):
+            if (block, key) in EARLIER_LAYOUT:
+                return f"{block}.{key} ({EARLIER_LAYOUT[block, key]})"
             near = difflib.get_close_matches(str(key), list(known[block] if block else known), n=1)
             return f"{block + '.' if block else ''}{key}" + (f" (did you mean {near[0]}?)" if near else "")
         raise PreflightError(f"config file {path}: unknown key(s) " + ", ".join(named(b, k) for b, k in unknown))
@@ -344,7 +356,7 @@ class Settings:
     training, data and output."""
 
     model: PokeSpriteConfig
-    model_kwargs: dict
+    model_keywords: dict
     training: TrainingArguments
     data: DataArguments
     output: OutputArguments
@@ -372,17 +384,17 @@ def build_settings(cfg, path="the config"):
     training = TrainingArguments(**cfg.get("training", {}))
     data = DataArguments(**cfg.get("data", {}))
     output = OutputArguments(**cfg.get("output", {}))
-    model_kwargs = dict(cfg.get("model", {}))
-    name = model_kwargs.get("model_name", MODEL_FIELDS["model_name"].default)
+    model_keywords = dict(cfg.get("model", {}))
+    name = model_keywords.get("model_name", MODEL_FIELDS["model_name"].default)
     if not isinstance(name, str) or not name.strip():
         raise PreflightError(f"--text_encoder (model.model_name) must be a non-empty string, got {shown(name)}")
     try:
-        model = PokeSpriteConfig(**model_kwargs)
+        model = PokeSpriteConfig(**model_keywords)
     except Exception as e:  # ValueError from __post_init__, TypeError or a strict-type error for a wrong type
         lines = str(e).strip().splitlines()
         raise PreflightError(f"invalid model config in {path}: {lines[0] if lines else type(e).__name__}")
     data.check_for(model.image_size)
-    return Settings(model=model, model_kwargs=model_kwargs, training=training, data=data, output=output)
+    return Settings(model=model, model_keywords=model_keywords, training=training, data=data, output=output)
 
 
 def load_config(args):
@@ -400,11 +412,20 @@ def load_config(args):
     return build_settings(cfg, args.config)
 
 
+def load_settings(path, **overrides):
+    """The Settings of a YAML file, with `overrides` (any setting, by its flag's name) written over it, as the
+    command line would: `load_settings("config/cpu.yaml", generator_type="decoder").training.learning_rate`."""
+    known = set(MODEL_FIELDS).union(*({f.name for f in dataclasses.fields(kind)} for kind in SECTIONS.values()))
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"not settings: {', '.join(unknown)}")
+    return load_config(argparse.Namespace(config=str(path), use_wandb=False, **overrides))
+
+
 def model_settings(path, **overrides):
-    """The model block of a YAML as PokeSpriteConfig keywords (with `model_name`, the BERT to start from), checked."""
-    cfg = read_config(path)
-    cfg["model"] = {**cfg.get("model", {}), **overrides}
-    return build_settings({"model": cfg["model"]}, path).model_kwargs
+    """The model block of a YAML as PokeSpriteConfig keywords (with `model_name`, the BERT to start from), checked:
+    `PokeSpriteConfig(**model_settings("config/cpu.yaml"))`."""
+    return load_settings(path, **overrides).model_keywords
 
 
 def use_channels_last(device, requested=None):

@@ -443,7 +443,7 @@ def preflight(settings, output_dir):
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise PreflightError(f"text encoder {text_encoder!r} does not load ({reason}); pass --text_encoder a Hub id or a local BERT folder")
     with torch.device("meta"):
-        model = PokeSpriteModel(PokeSpriteConfig(**{**settings.model_kwargs, "text_config": text_config.to_dict()}))
+        model = PokeSpriteModel(PokeSpriteConfig(**{**settings.model_keywords, "text_config": text_config.to_dict()}))
     needed, free = checkpoint_bytes(model), shutil.disk_usage(output_dir).free
     if free < needed:
         raise PreflightError(f"only {free / 2**20:.0f} MiB free in {output_dir}; a checkpoint needs about {needed / 2**20:.0f} MiB")
@@ -672,7 +672,7 @@ def build_model(accelerator, settings):
     seed, text_encoder = settings.training.seed, settings.model.model_name
     set_seed(seed)
     try:
-        model = PokeSpriteModel.from_text_encoder(text_encoder, **{k: v for k, v in settings.model_kwargs.items() if k != "model_name"})
+        model = PokeSpriteModel.from_text_encoder(text_encoder, **{k: v for k, v in settings.model_keywords.items() if k != "model_name"})
     except OSError as e:  # a folder with a config and a tokenizer but no weights
         raise PreflightError(f"text encoder {text_encoder!r} does not load: {str(e).splitlines()[0]}")
     set_seed(seed, device_specific=True)

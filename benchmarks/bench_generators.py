@@ -27,14 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from configuration_pokesprite import PokeSpriteConfig  # noqa: E402
 from modeling_pokesprite import PokeSpriteModel  # noqa: E402
-from train_accelerate import model_kwargs  # noqa: E402
+from settings_pokesprite import model_settings  # noqa: E402
 
 MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 CONFIGS = {
@@ -58,9 +57,8 @@ def parse_args(argv=None):
 
 def build(path, tokenizer):
     """The config's model with random weights (speed does not depend on them) on MiniLM's architecture."""
-    cfg = yaml.safe_load(Path(path).read_text())
     torch.manual_seed(0)
-    model = PokeSpriteModel(PokeSpriteConfig(text_config=dict(MINILM), **model_kwargs(cfg)))
+    model = PokeSpriteModel(PokeSpriteConfig(**{**model_settings(path), "text_config": dict(MINILM)}))
     model.tokenizer = tokenizer
     return model.to(memory_format=torch.channels_last).train()
 

