@@ -1,0 +1,66 @@
+"""data_pokesprite.py, the data side of training, and the layout it stands for: the trainer is a script that
+imports its data, settings and model, and nothing imports it."""
+
+import ast
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pokesprite import augment, split_to_tensors
+from prepare_dataset import load_sprite
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tokenizer:
+    """Just enough of a tokenizer for split_to_tensors: one token per word."""
+
+    def __call__(self, texts, max_length, **kwargs):
+        longest = min(max(len(t.split()) for t in texts), max_length)
+        ids = torch.tensor([[1] * min(len(t.split()), longest) + [0] * (longest - min(len(t.split()), longest)) for t in texts])
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+
+def test_split_to_tensors_fits_a_sprite_of_another_size_as_prepare_dataset_does(tmp_path):
+    """A 48x24 sprite for a 32 px model: padded (not stretched), as prepare_dataset.load_sprite stores one."""
+    sprite = Image.new("RGBA", (48, 24), (200, 30, 30, 255))
+    sprite.paste((20, 20, 220, 255), (0, 0, 12, 24))
+    path = tmp_path / "wide.png"
+    sprite.save(path)
+    png, _, _ = load_sprite(path, 32)
+    stored = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+    config = SimpleNamespace(image_size=32, num_channels=4, max_text_length=8)
+    tensors = split_to_tensors({"image": [sprite], "text": ["a red sprite"]}, Tokenizer(), config)
+    pixels = tensors["pixels"][0].permute(1, 2, 0).numpy()
+    assert pixels.shape == (32, 32, 4)
+    np.testing.assert_array_equal(pixels, stored)
+    assert pixels[0, 16, 3] == 0 and pixels[16, 16, 3] == 255  # transparent bands above and below: padded
+
+
+def test_augment_keeps_uint8_sprites_in_range_and_only_moves_them():
+    pixels = torch.randint(0, 256, (4, 4, 16, 16), dtype=torch.uint8)
+    out = augment(pixels, hflip=False, max_shift=0, background=0.0)
+    torch.testing.assert_close(out, pixels.float() / 127.5 - 1)
+    shifted = augment(pixels, hflip=True, max_shift=2, background=0.0)
+    assert shifted.shape == pixels.shape and shifted.min() >= -1 and shifted.max() <= 1
+
+
+def test_no_module_imports_the_training_script():
+    """train_accelerate.py is a script, as the diffusers examples are: evaluation, benchmarks and the example
+    import data_pokesprite and settings_pokesprite instead. Only the trainer's own tests import it."""
+    importers = []
+    for path in REPO_ROOT.rglob("*.py"):
+        relative = path.relative_to(REPO_ROOT)
+        if relative.parts[0] in ("tests", ".git") or any(part.startswith(".") for part in relative.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if "train_accelerate" in names:
+                importers.append(str(relative))
+    assert importers == []
