@@ -26,9 +26,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# huggingface_hub reads this once, at import: uploads take the plain HTTP path (set it to 0 to use Xet)
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
@@ -38,7 +35,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed
 from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as torch_load_weights_only
-from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -131,8 +128,8 @@ def parse_args(argv=None):
     parser.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"])
     parser.add_argument("--push_to_hub", action="store_true", default=None, help="upload the final model with HfApi")
     parser.add_argument("--hub_model_id", help="defaults to <your user>/<output_dir name>")
-    parser.add_argument("--hub_private", action="store_true")
-    parser.add_argument("--eval_metrics", action="store_true", help="compute the metrics/ modules at each validation, not only at the end")
+    parser.add_argument("--hub_private_repo", "--hub_private", dest="hub_private", action="store_true",
+                        help="with --push_to_hub: create the Hub repo private (--hub_private is the earlier name)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; first steps are slow)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last memory format for the convolutions (default: on for CPU, off on GPUs)")
@@ -778,10 +775,10 @@ def preflight(cfg, config_path, output_dir, text_encoder):
         PokeSpriteConfig(**kwargs)
     except (ValueError, TypeError, KeyError) as e:
         raise PreflightError(f"invalid model config in {config_path}: {e}")
+    from prepare_dataset import write_probe
+
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):  # one name per process
-            pass
+        write_probe(output_dir)  # a temporary file: one name per process
     except OSError as e:
         raise PreflightError(f"output_dir {output_dir} is not writable: {e.strerror}")
     try:
@@ -851,38 +848,30 @@ def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
     return grid
 
 
-def save_model_card(output_dir, cfg, metrics, dataset, text_encoder):
-    """README.md with Hub metadata, how to load, how it was trained and what it reached."""
-    hub_like = lambda name: name and not Path(name).exists() and "/" in name
-    data = ModelCardData(
-        license="mit",
-        library_name="transformers",
-        pipeline_tag="text-to-image",
-        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", cfg["model"]["generator_type"]],
-        datasets=[dataset] if hub_like(dataset) else None,
-        base_model=text_encoder if hub_like(text_encoder) else None,
-    )
-    repo = cfg["output"].get("hub_model_id") or "<user>/pokesprite"
-    t = cfg["training"]
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
-    card = f"""---
-{data.to_yaml()}
+# the model card: Hub metadata from huggingface_hub's ModelCardData, the text from this template (Jinja, what
+# ModelCard.from_template renders; card_data is the metadata's YAML)
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# PokeSprite: {cfg['model']['generator_type']} generator
+# PokeSprite: {{ generator_type }} generator
 
-A description goes in, a {cfg['model']['image_size']}x{cfg['model']['image_size']} sprite comes out
-({'RGBA, transparent background' if cfg['model']['num_channels'] == 4 else 'RGB'}).
+A description goes in, a {{ image_size }}x{{ image_size }} sprite comes out ({{ image_kind }}).
 
 ![samples](samples.png)
-
+{% if columns %}
+Sprites of the final model: one column per prompt ({{ columns }}), one row per seed.
+{% endif %}
 ## Use
 
 ```python
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)  # add revision="<commit>" to pin the code
+revision = "<commit sha>"  # pin a commit: a later push then cannot change the code, weights or tokenizer you run
+model = AutoModel.from_pretrained("{{ repo }}", trust_remote_code=True, revision=revision)
+# model.tokenizer comes from that same commit; a tokenizer you load yourself must be pinned the same way:
+tokenizer = AutoTokenizer.from_pretrained("{{ repo }}", trust_remote_code=True, revision=revision)
 sprites = model.generate(["a small blue water turtle"], num_images_per_prompt=4,
                          generator=torch.Generator().manual_seed(0), output_type="pil")
 ```
@@ -892,25 +881,113 @@ read them first, and pin a `revision` so that later pushes cannot change the cod
 
 ## Training
 
-- text encoder: `{text_encoder}` ({'frozen' if cfg['model']['text_encoder']['freeze'] else 'fine-tuned'})
-- dataset: `{dataset}`
-- steps: {metrics.get('step')}, batch size {t['train_batch_size']} per process, gradient accumulation {t['gradient_accumulation_steps']}
-- AdamW, learning rate {t['learning_rate']}, weight decay {t['weight_decay']}, {t['lr_scheduler']} schedule with {t['lr_warmup_steps']} warm-up steps
-- mixed precision: {t['mixed_precision']}; EMA decay: {t['ema_decay']}
+- text encoder: `{{ text_encoder }}` ({{ text_encoder_note + ', ' if text_encoder_note else '' }}{{ 'frozen' if frozen else 'fine-tuned' }})
+- dataset: `{{ dataset }}`{{ ' (%s)' % dataset_note if dataset_note else '' }}
+- steps: {{ step }}, batch size {{ t.train_batch_size }} per process, gradient accumulation {{ t.gradient_accumulation_steps }}
+- AdamW, learning rate {{ t.learning_rate }}, weight decay {{ t.weight_decay }}, {{ t.lr_scheduler }} schedule with {{ t.lr_warmup_steps }} warm-up steps
+- mixed precision: {{ t.mixed_precision }}; EMA decay: {{ t.ema_decay }}
 
 ## Results
 
 | metric | value |
 | --- | --- |
-{rows}
+{{ rows }}
+
+val_loss: the training objective ({{ objective }}) on the validation split, with fixed noise{{ ' and noise levels' if generator_type != 'decoder' else '' }}.
+
+## Licence
+
+{{ licence_text }}
 
 ## Limitations
 
 Trained on a few hundred sprites: expect the training set's style, and near-copies of training sprites for
-training captions. Pokémon and its artwork are © Nintendo / Creatures Inc. / GAME FREAK inc.; sprites made by a
-model trained on them are for personal and research use.
+training captions.{% if pokemon %} Pokémon and its artwork are © Nintendo / Creatures Inc. / GAME FREAK inc.; sprites made by a
+model trained on them are for personal and research use.{% endif %}
 """
-    (Path(output_dir) / "README.md").write_text(card)
+OBJECTIVES = {"decoder": "L1 + MSE + attention coverage", "diffusion": "v-prediction MSE", "flow": "rectified-flow velocity MSE"}
+
+
+def dataset_licence(dataset):
+    """The licence fields of the dataset's card: `license`, plus `license_name` and `license_link` for `other`.
+
+    Read from the README.md of a prepared folder (prepare_dataset.py writes one) or the card of a Hub dataset (the
+    run has just downloaded it, so the cached copy is read first); {} when there is no card or it names no licence."""
+    from huggingface_hub import DatasetCard, try_to_load_from_cache
+
+    path = Path(str(dataset))
+    try:
+        if not path.exists():
+            cached = try_to_load_from_cache(str(dataset), "README.md", repo_type="dataset")
+            path = Path(cached).parent if isinstance(cached, str) else path
+        card = DatasetCard.load(path / "README.md" if path.exists() else str(dataset), repo_type="dataset")
+    except Exception:  # no card, or a Hub card that cannot be fetched: the licence is unknown
+        return {}
+    fields = {key: card.data.get(key) for key in ("license", "license_name", "license_link")}
+    if fields["license"] != "other":  # a name and a link belong to `other` only
+        fields = {"license": fields["license"]}
+    return {key: value for key, value in fields.items() if value}
+
+
+def save_model_card(output_dir, cfg, metrics, dataset, text_encoder, prompts=None):
+    """README.md, built with huggingface_hub's ModelCard: the Hub metadata (the dataset's licence, the final metrics
+    as eval results, `samples.png` as the widget gallery of `prompts`, its columns), how to load, how it was trained,
+    what it reached. Local folders are named as `PokeSpriteModel.shareable_name` names them: no path of this machine."""
+    from prepare_dataset import POKEMON_LICENSE_NAME
+
+    model, t = cfg["model"], cfg["training"]
+    generator_type = model["generator_type"]
+    on_hub = lambda name: not Path(str(name)).exists() and "/" in str(name)
+    # a local folder that is no Hub snapshot: its bare name, said to be a folder
+    local_note = lambda name, shared: "a local folder" if Path(str(name)).exists() and "/" not in shared else ""
+    dataset_name, encoder_name = PokeSpriteModel.shareable_name(dataset), PokeSpriteModel.shareable_name(text_encoder)
+    licence = dataset_licence(dataset) or {"license": "unknown"}  # the Hub's own word for a licence nobody stated
+    repo = cfg["output"].get("hub_model_id") or "<user>/pokesprite"
+    results = [
+        EvalResult(task_type="text-to-image", dataset_type=dataset_name, dataset_name=dataset_name,
+                   dataset_split="validation", metric_type=name,
+                   metric_name="validation loss" if name == "val_loss" else name, metric_value=value)
+        for name, value in metrics.items() if isinstance(value, float)
+    ]
+    data = ModelCardData(
+        **licence,
+        library_name="transformers",
+        pipeline_tag="text-to-image",
+        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", generator_type],
+        datasets=[dataset_name] if on_hub(dataset) else None,
+        base_model=encoder_name if on_hub(text_encoder) else None,
+        # the Hub's text-to-image gallery: a prompt and the picture made from it (here: the grid of all prompts)
+        widget=[{"text": " | ".join(prompts), "output": {"url": "samples.png"}}] if prompts else None,
+        model_name=cfg["output"].get("hub_model_id") or f"pokesprite-{generator_type}",
+        eval_results=results or None,
+    )
+
+    source = f"the licence of the training data (`{dataset_name}`, as its card states)"
+    if licence["license"] == "unknown":
+        licence_text = (f"Unknown: the card of the training data (`{dataset_name}`) states no licence, so this card "
+                        "cannot either. Make sure you may use that data before you use or share this model.")
+    elif licence["license"] == "other":
+        link = f" ({licence['license_link']})" if licence.get("license_link") else ""
+        licence_text = f"`other`, named `{licence.get('license_name', 'unnamed')}`{link}: {source}."
+        if licence.get("license_name") == POKEMON_LICENSE_NAME:
+            licence_text += (" Pokémon names, descriptions and artwork are © Nintendo / Creatures Inc. / GAME FREAK "
+                             "inc.: this is fan content under no open licence.")
+    else:
+        licence_text = f"`{licence['license']}`, {source}."
+    licence_text += (" The code files (`modeling_pokesprite.py`, `configuration_pokesprite.py`) are MIT, the PokeSprite "
+                     f"project's; the BERT weights inside keep the licence of `{encoder_name}`.")
+
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    card = ModelCard.from_template(
+        data, template_str=MODEL_CARD_TEMPLATE, generator_type=generator_type, image_size=model["image_size"],
+        image_kind="RGBA, transparent background" if model["num_channels"] == 4 else "RGB",
+        columns=", ".join(f'"{p}"' for p in prompts or []), repo=repo, text_encoder=encoder_name,
+        text_encoder_note=local_note(text_encoder, encoder_name), frozen=model["text_encoder"]["freeze"],
+        dataset=dataset_name, dataset_note=local_note(dataset, dataset_name), step=metrics.get("step"), t=t,
+        rows=rows, objective=OBJECTIVES.get(generator_type, "the training loss"), licence_text=licence_text,
+        pokemon=licence.get("license_name") == POKEMON_LICENSE_NAME,
+    )
+    card.save(Path(output_dir) / "README.md")
 
 
 def push_to_hub(output_dir, repo_id, private=False):
@@ -1209,7 +1286,7 @@ def main(args):
         tokenizer.save_pretrained(output_dir)
         grid = log_samples(accelerator, final, tokenizer, prompts, global_step, output_dir, train_cfg["seed"])
         grid.save(output_dir / "samples.png")
-        save_model_card(output_dir, cfg, metrics, data_cfg["dataset"], text_encoder)
+        save_model_card(output_dir, cfg, metrics, data_cfg["dataset"], text_encoder, prompts=prompts)
         if "wandb" in log_with:
             best_checkpoint = output_dir / f"checkpoint-{best['step']}" if best["step"] else None
             log_wandb_artifacts(accelerator, output_dir, best_checkpoint)
