@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from attention_maps import attention_figure, attention_for_prompt  # noqa: E402
 from generate import (  # noqa: E402
-    MAX_SEED, GenerateError, check_seed, count_tokens, load_model, positive_int, progress_option, uses_guidance)
+    MAX_SEED, GenerateError, check_prompt, check_seed, load_model, positive_int, progress_option, uses_guidance)
 
 ALL_WORDS = -1  # the word dropdown's value for "every word's heatmap"
 CSS = "#sprites img, #attention img { image-rendering: pixelated; }"  # sprites are pixel art: no smoothing
@@ -64,6 +64,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def sentence(message):
+    """generate.py's message (an error or a warning) as a sentence on the page: capitalised, with a full stop."""
+    message = str(message)
+    return f"{message[:1].upper()}{message[1:]}."
+
+
 def check_request(prompt, num, seed, guidance_scale, guided):
     """(prompt, num, seed, guidance_scale) checked and converted, or a gr.Error saying what is wrong.
 
@@ -83,7 +89,7 @@ def check_request(prompt, num, seed, guidance_scale, guided):
     try:
         seed = check_seed(0 if seed is None else seed)
     except GenerateError as e:
-        raise gr.Error(f"{str(e)[0].upper()}{str(e)[1:]}.")
+        raise gr.Error(sentence(e))
     if guided:
         low, high = GUIDANCE_RANGE
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not low <= guidance_scale <= high:
@@ -95,25 +101,25 @@ def check_request(prompt, num, seed, guidance_scale, guided):
 def build_demo(model, queue_size=QUEUE_SIZE, concurrency=CONCURRENCY):
     """The Gradio Blocks for `model` (a loaded PokeSpriteModel with its tokenizer attached), its queue set up:
     `concurrency` requests sampled at once, at most `queue_size` waiting."""
-    config, tokenizer = model.config, model.tokenizer
+    config = model.config
     guided = uses_guidance(model)  # guidance scale and sampling steps apply
     with_progress = progress_option(model.generate, True)  # a tqdm bar over the steps, which gr.Progress follows
     attention_progress = progress_option(model.forward, True)
 
     def make_sprites(prompt, num, seed, guidance_scale, progress=gr.Progress(track_tqdm=True)):
         prompt, num, seed, guidance_scale = check_request(prompt, num, seed, guidance_scale, guided)
-        n_tokens, dropped = count_tokens(tokenizer, prompt, config.max_text_length)
-        if n_tokens == tokenizer.num_special_tokens_to_add():
-            raise gr.Error("The description has no characters the tokenizer reads.")
-        if dropped:
-            gr.Warning(f"The description is {n_tokens} tokens long; the model reads the first {config.max_text_length}, "
-                       f"so it ignores: {dropped!r}")
+        try:
+            warning = check_prompt(model.tokenizer, prompt, "the description", config.max_text_length)
+        except GenerateError as e:
+            raise gr.Error(sentence(e))
+        if warning:
+            gr.Warning(sentence(warning))
         sampling = {"guidance_scale": guidance_scale} if guided else {}  # the same for the attention sprite
         progress(0, desc=f"Sampling {num} sprite{'s' if num > 1 else ''}")
         sprites = model.generate([prompt], num_images_per_prompt=num, generator=torch.Generator().manual_seed(seed),
                                  output_type="pil", **sampling, **with_progress)
         progress(0, desc="Attention maps")
-        attention = attention_for_prompt(model, prompt, seed=seed, tokenizer=tokenizer, **sampling, **attention_progress)
+        attention = attention_for_prompt(model, prompt, seed=seed, **sampling, **attention_progress)
         words = attention[2]
         choices = [("all words", ALL_WORDS)] + [(word, i) for i, word in enumerate(words)]
         return (sprites, attention, gr.Dropdown(choices=choices, value=ALL_WORDS, interactive=True),

@@ -11,7 +11,12 @@ from torchvision.utils import make_grid
 
 
 def on_white(images):
-    """(B, C, H, W) in [0, 1] -> RGB on a white background (alpha-composited when C is 4)."""
+    """(B, C, H, W) in [0, 1] -> RGB on a white background (alpha-composited when C is 4).
+
+    The one rule for showing a sprite with alpha. It lives in attention_maps.py, whose grids and figures generate.py,
+    app.py, the trainer and evaluate_model.py draw with; each metrics/ module, which evaluate loads as a single
+    file, holds a copy marked `# Copied from attention_maps.py: on_white`, kept equal by tests/test_copies.py.
+    """
     if images.shape[1] == 3:
         return images
     rgb, alpha = images[:, :3], images[:, 3:4]
@@ -80,23 +85,25 @@ def attention_figure(sprite, heatmaps, words, scale=2):
 def attention_for_prompt(model, prompt, seed=0, tokenizer=None, **sampling):
     """Generate one sprite for `prompt` and return (sprite in [0, 1], per-token heatmaps, words).
 
-    Uses `model(..., output_attentions=True)`, so it works for both generator types: the decoder's attention in
-    its one pass, the diffusion UNet's averaged over the sampling steps. `sampling` (guidance_scale,
-    num_inference_steps, eta) goes to the diffusion sampler, as in `model.generate`.
+    Uses `model(..., output_attentions=True)`, so it works for all generator types: the decoder's attention in
+    its one pass, an iterative generator's averaged over the sampling steps. `sampling` (guidance_scale,
+    num_inference_steps, eta) goes to the sampler, as in `model.generate`.
+
+    The prompt is tokenised by `model.tokenize`, as `model.generate` tokenises it, and the panels are labelled with
+    `model.tokenizer`'s tokens. `tokenizer` is ignored; it stays for callers that still pass the model's own.
     """
-    tokenizer = tokenizer or model.tokenizer
-    batch = tokenizer([prompt], padding="max_length", truncation=True, max_length=model.config.max_text_length, return_tensors="pt")
-    input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    input_ids, attention_mask = model.tokenize([prompt])
     noise = model.make_noise(1, torch.Generator().manual_seed(seed))
     output = model(input_ids, attention_mask, noise=noise, output_attentions=True, **sampling)
     sprite = ((output.images[0].float() + 1) / 2).clamp(0, 1)
-    words = words_of(tokenizer, input_ids[0], attention_mask[0])
+    words = words_of(model.tokenizer, input_ids[0], attention_mask[0])
     heatmaps = token_heatmaps(output.attentions, model.config.image_size)[0, : len(words)]
     return sprite, heatmaps, words
 
 
 def save_attention_maps(model, prompt, path, seed=0, tokenizer=None, **sampling):
-    """Write the attention figure of `prompt` to `path` (PNG); returns the words, one panel each after the sprite."""
-    sprite, heatmaps, words = attention_for_prompt(model, prompt, seed, tokenizer, **sampling)
+    """Write the attention figure of `prompt` to `path` (PNG); returns the words, one panel each after the sprite.
+    `tokenizer` is ignored, as in attention_for_prompt."""
+    sprite, heatmaps, words = attention_for_prompt(model, prompt, seed, **sampling)
     attention_figure(sprite, heatmaps, words).save(path)
     return words

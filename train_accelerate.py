@@ -21,13 +21,9 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
-# huggingface_hub reads this once, at import: uploads take the plain HTTP path (set it to 0 to use Xet)
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +32,7 @@ from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
 from accelerate.utils import broadcast_object_list, gather_object  # noqa: E402
 from accelerate.utils import load as torch_load_weights_only  # noqa: E402
-from huggingface_hub import HfApi, ModelCardData  # noqa: E402
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -430,10 +426,10 @@ def preflight(settings, output_dir):
     needs, sized on a weightless (meta device) copy of the model.
     """
     text_encoder = settings.model.model_name
+    from prepare_dataset import write_probe
+
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):  # one name per process
-            pass
+        write_probe(output_dir)  # a temporary file: one name per process
     except OSError as e:
         raise PreflightError(f"output_dir {output_dir} is not writable: {e.strerror}")
     try:
@@ -503,38 +499,30 @@ def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
     return grid
 
 
-def save_model_card(output_dir, settings, metrics, dataset, text_encoder):
-    """README.md with Hub metadata, how to load, how it was trained and what it reached."""
-    hub_like = lambda name: name and not Path(name).exists() and "/" in name
-    data = ModelCardData(
-        license="mit",
-        library_name="transformers",
-        pipeline_tag="text-to-image",
-        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", settings.model.generator_type],
-        datasets=[dataset] if hub_like(dataset) else None,
-        base_model=text_encoder if hub_like(text_encoder) else None,
-    )
-    repo = settings.output.hub_model_id or "<user>/pokesprite"
-    t = settings.training
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
-    card = f"""---
-{data.to_yaml()}
+# the model card: Hub metadata from huggingface_hub's ModelCardData, the text from this template (Jinja, what
+# ModelCard.from_template renders; card_data is the metadata's YAML)
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# PokeSprite: {settings.model.generator_type} generator
+# PokeSprite: {{ generator_type }} generator
 
-A description goes in, a {settings.model.image_size}x{settings.model.image_size} sprite comes out
-({'RGBA, transparent background' if settings.model.num_channels == 4 else 'RGB'}).
+A description goes in, a {{ image_size }}x{{ image_size }} sprite comes out ({{ image_kind }}).
 
 ![samples](samples.png)
-
+{% if columns %}
+Sprites of the final model: one column per prompt ({{ columns }}), one row per seed.
+{% endif %}
 ## Use
 
 ```python
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)  # add revision="<commit>" to pin the code
+revision = "<commit sha>"  # pin a commit: a later push then cannot change the code, weights or tokenizer you run
+model = AutoModel.from_pretrained("{{ repo }}", trust_remote_code=True, revision=revision)
+# model.tokenizer comes from that same commit; a tokenizer you load yourself must be pinned the same way:
+tokenizer = AutoTokenizer.from_pretrained("{{ repo }}", trust_remote_code=True, revision=revision)
 sprites = model.generate(["a small blue water turtle"], num_images_per_prompt=4,
                          generator=torch.Generator().manual_seed(0), output_type="pil")
 ```
@@ -544,25 +532,113 @@ read them first, and pin a `revision` so that later pushes cannot change the cod
 
 ## Training
 
-- text encoder: `{text_encoder}` ({'frozen' if settings.model.freeze_text_encoder else 'fine-tuned'})
-- dataset: `{dataset}`
-- steps: {metrics.get('step')}, batch size {t.train_batch_size} per process, gradient accumulation {t.gradient_accumulation_steps}
-- AdamW, learning rate {t.learning_rate}, weight decay {t.weight_decay}, {t.lr_scheduler} schedule with {t.lr_warmup_steps} warm-up steps
-- mixed precision: {t.mixed_precision}; EMA decay: {t.ema_decay}
+- text encoder: `{{ text_encoder }}` ({{ text_encoder_note + ', ' if text_encoder_note else '' }}{{ 'frozen' if frozen else 'fine-tuned' }})
+- dataset: `{{ dataset }}`{{ ' (%s)' % dataset_note if dataset_note else '' }}
+- steps: {{ step }}, batch size {{ t.train_batch_size }} per process, gradient accumulation {{ t.gradient_accumulation_steps }}
+- AdamW, learning rate {{ t.learning_rate }}, weight decay {{ t.weight_decay }}, {{ t.lr_scheduler }} schedule with {{ t.lr_warmup_steps }} warm-up steps
+- mixed precision: {{ t.mixed_precision }}; EMA decay: {{ t.ema_decay }}
 
 ## Results
 
 | metric | value |
 | --- | --- |
-{rows}
+{{ rows }}
+
+val_loss: the training objective ({{ objective }}) on the validation split, with fixed noise{{ ' and noise levels' if generator_type != 'decoder' else '' }}.
+
+## Licence
+
+{{ licence_text }}
 
 ## Limitations
 
 Trained on a few hundred sprites: expect the training set's style, and near-copies of training sprites for
-training captions. Pokémon and its artwork are © Nintendo / Creatures Inc. / GAME FREAK inc.; sprites made by a
-model trained on them are for personal and research use.
+training captions.{% if pokemon %} Pokémon and its artwork are © Nintendo / Creatures Inc. / GAME FREAK inc.; sprites made by a
+model trained on them are for personal and research use.{% endif %}
 """
-    (Path(output_dir) / "README.md").write_text(card)
+OBJECTIVES = {"decoder": "L1 + MSE + attention coverage", "diffusion": "v-prediction MSE", "flow": "rectified-flow velocity MSE"}
+
+
+def dataset_licence(dataset):
+    """The licence fields of the dataset's card: `license`, plus `license_name` and `license_link` for `other`.
+
+    Read from the README.md of a prepared folder (prepare_dataset.py writes one) or the card of a Hub dataset (the
+    run has just downloaded it, so the cached copy is read first); {} when there is no card or it names no licence."""
+    from huggingface_hub import DatasetCard, try_to_load_from_cache
+
+    path = Path(str(dataset))
+    try:
+        if not path.exists():
+            cached = try_to_load_from_cache(str(dataset), "README.md", repo_type="dataset")
+            path = Path(cached).parent if isinstance(cached, str) else path
+        card = DatasetCard.load(path / "README.md" if path.exists() else str(dataset), repo_type="dataset")
+    except Exception:  # no card, or a Hub card that cannot be fetched: the licence is unknown
+        return {}
+    fields = {key: card.data.get(key) for key in ("license", "license_name", "license_link")}
+    if fields["license"] != "other":  # a name and a link belong to `other` only
+        fields = {"license": fields["license"]}
+    return {key: value for key, value in fields.items() if value}
+
+
+def save_model_card(output_dir, settings, metrics, dataset, text_encoder, prompts=None):
+    """README.md, built with huggingface_hub's ModelCard: the Hub metadata (the dataset's licence, the final metrics
+    as eval results, `samples.png` as the widget gallery of `prompts`, its columns), how to load, how it was trained,
+    what it reached. Local folders are named as `PokeSpriteModel.shareable_name` names them: no path of this machine."""
+    from prepare_dataset import POKEMON_LICENSE_NAME
+
+    model, t = settings.model, settings.training
+    generator_type = model.generator_type
+    on_hub = lambda name: not Path(str(name)).exists() and "/" in str(name)
+    # a local folder that is no Hub snapshot: its bare name, said to be a folder
+    local_note = lambda name, shared: "a local folder" if Path(str(name)).exists() and "/" not in shared else ""
+    dataset_name, encoder_name = PokeSpriteModel.shareable_name(dataset), PokeSpriteModel.shareable_name(text_encoder)
+    licence = dataset_licence(dataset) or {"license": "unknown"}  # the Hub's own word for a licence nobody stated
+    repo = settings.output.hub_model_id or "<user>/pokesprite"
+    results = [
+        EvalResult(task_type="text-to-image", dataset_type=dataset_name, dataset_name=dataset_name,
+                   dataset_split="validation", metric_type=name,
+                   metric_name="validation loss" if name == "val_loss" else name, metric_value=value)
+        for name, value in metrics.items() if isinstance(value, float)
+    ]
+    data = ModelCardData(
+        **licence,
+        library_name="transformers",
+        pipeline_tag="text-to-image",
+        tags=["pokesprite", "text-to-image", "sprites", "pixel-art", generator_type],
+        datasets=[dataset_name] if on_hub(dataset) else None,
+        base_model=encoder_name if on_hub(text_encoder) else None,
+        # the Hub's text-to-image gallery: a prompt and the picture made from it (here: the grid of all prompts)
+        widget=[{"text": " | ".join(prompts), "output": {"url": "samples.png"}}] if prompts else None,
+        model_name=settings.output.hub_model_id or f"pokesprite-{generator_type}",
+        eval_results=results or None,
+    )
+
+    source = f"the licence of the training data (`{dataset_name}`, as its card states)"
+    if licence["license"] == "unknown":
+        licence_text = (f"Unknown: the card of the training data (`{dataset_name}`) states no licence, so this card "
+                        "cannot either. Make sure you may use that data before you use or share this model.")
+    elif licence["license"] == "other":
+        link = f" ({licence['license_link']})" if licence.get("license_link") else ""
+        licence_text = f"`other`, named `{licence.get('license_name', 'unnamed')}`{link}: {source}."
+        if licence.get("license_name") == POKEMON_LICENSE_NAME:
+            licence_text += (" Pokémon names, descriptions and artwork are © Nintendo / Creatures Inc. / GAME FREAK "
+                             "inc.: this is fan content under no open licence.")
+    else:
+        licence_text = f"`{licence['license']}`, {source}."
+    licence_text += (" The code files (`modeling_pokesprite.py`, `configuration_pokesprite.py`) are MIT, the PokeSprite "
+                     f"project's; the BERT weights inside keep the licence of `{encoder_name}`.")
+
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    card = ModelCard.from_template(
+        data, template_str=MODEL_CARD_TEMPLATE, generator_type=generator_type, image_size=model.image_size,
+        image_kind="RGBA, transparent background" if model.num_channels == 4 else "RGB",
+        columns=", ".join(f'"{p}"' for p in prompts or []), repo=repo, text_encoder=encoder_name,
+        text_encoder_note=local_note(text_encoder, encoder_name), frozen=model.freeze_text_encoder,
+        dataset=dataset_name, dataset_note=local_note(dataset, dataset_name), step=metrics.get("step"), t=t,
+        rows=rows, objective=OBJECTIVES.get(generator_type, "the training loss"), licence_text=licence_text,
+        pokemon=licence.get("license_name") == POKEMON_LICENSE_NAME,
+    )
+    card.save(Path(output_dir) / "README.md")
 
 
 def push_to_hub(output_dir, repo_id, private=False):
@@ -772,7 +848,7 @@ def save_final_model(accelerator, settings, final, tokenizer, prompts, metrics, 
     tokenizer.save_pretrained(output_dir)
     grid = log_samples(accelerator, final, tokenizer, prompts, metrics["step"], output_dir, settings.training.seed)
     grid.save(output_dir / "samples.png")
-    save_model_card(output_dir, settings, metrics, settings.data.dataset, settings.model.model_name)
+    save_model_card(output_dir, settings, metrics, settings.data.dataset, settings.model.model_name, prompts=prompts)
     (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
     if settings.output.report_to in ("wandb", "all"):
         best_checkpoint = output_dir / f"checkpoint-{best['step']}" if best["step"] else None

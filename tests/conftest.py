@@ -19,6 +19,10 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `pytest` from anywhere imports the top-level modules
+# Only the tests turn Xet off (the scripts leave it to the user): the local Hub mirror (olah) has no Xet storage.
+# huggingface_hub reads the flag once, at import, so it is set before anything imports it; processes the tests
+# start inherit it (hub_mirror.hub_env sets it too, for the mirror's clients).
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import prepare_dataset  # noqa: E402
 

@@ -200,16 +200,38 @@ def handler(model):
     return make_sprites
 
 
+# the prompt check is generate.py's (generate.check_prompt): the same rule and words as the command line
+
+
+def test_description_without_tokens_is_an_error_shown_in_the_page(tiny_model):
+    # str(gr.Error) is the repr of its message
+    with pytest.raises(gr.Error, match=r"The description is empty once tokenized \(.*u200b.*u200d.* has no characters the "
+                                       r"tokenizer reads\)\."):
+        handler(tiny_model[1])("\u200b\u200d", 1, 0, 3.0)
+
+
+def test_overlong_description_is_truncated_with_a_warning_giving_the_token_counts(tiny_model, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *args, **kwargs: warnings.append(message))
+    prompt = "a small blue water turtle with a hard round shell that hides in lakes and sprays water at night"
+    sprites = handler(tiny_model[1])(prompt, 1, 0, 3.0)[0]
+
+    assert warnings == ["The description is 22 tokens long; the model reads the first 16 (config.max_text_length), "
+                        "so it ignores: 'and sprays water at night'."]
+    assert np.array_equal(np.asarray(sprites[0]), model_sprites(tiny_model[1], prompt, 1, seed=0)[0])
+
+
 # resource limits: one request cannot starve or kill the demo (checked in the handler: an API client skips the page)
 
 
 def test_overlong_prompt_is_refused_before_it_is_tokenized(tiny_model, monkeypatch):
     import app
+    import generate
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the over-long prompt was tokenized")
 
-    monkeypatch.setattr(app, "count_tokens", no_tokenizing)
+    monkeypatch.setattr(generate, "count_tokens", no_tokenizing)  # what generate.check_prompt, app's check, calls
     make_sprites = handler(tiny_model[1])
     with pytest.raises(gr.Error, match=r"The description is 3,000,000 characters long; the demo takes at most 1,000"):
         make_sprites("a" * 3_000_000, 4, 0, 3.0)

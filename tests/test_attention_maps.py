@@ -92,6 +92,22 @@ def test_attention_for_prompt_is_deterministic_per_seed(model):
     assert not torch.equal(sprite, other)
 
 
+def test_attention_for_prompt_tokenises_with_model_tokenize_as_generate_does(model, tokenizer, monkeypatch):
+    calls, tokenize = [], model.tokenize
+
+    def recording_tokenize(prompts):
+        calls.append(prompts)
+        return tokenize(prompts)
+
+    monkeypatch.setattr(model, "tokenize", recording_tokenize)
+    _, heatmaps, words = attention_for_prompt(model, LONG_PROMPT + " and a long list of other words", seed=0)
+    assert calls == [[LONG_PROMPT + " and a long list of other words"]]
+    # truncated to max_text_length as model.generate truncates it, the panels labelled with the model's tokens
+    expected = valid_tokens(tokenizer, LONG_PROMPT + " and a long list of other words")
+    assert words == expected[: model.config.max_text_length - 1] + ["[SEP]"] and len(words) == 16
+    assert heatmaps.shape == (16, 64, 64)
+
+
 def test_attention_sprite_is_sampled_like_generate_without_touching_the_config():
     """generate.py and app.py pass --guidance-scale/--steps to both; the model's config stays the default."""
     torch.manual_seed(0)

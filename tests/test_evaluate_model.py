@@ -72,3 +72,37 @@ def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_
                 "frechet/kid", "reconstruction/l1"):
         assert key in metrics, key
     assert (out / "validation-prompts.png").is_file() and (out / "new-descriptions.png").is_file()
+
+
+# the options and the inputs, checked before anything slow
+
+
+@pytest.mark.parametrize("diffusers, earlier", [(["--output_dir", "x"], ["--out", "x"]),
+                                                (["--num_images_per_prompt", "3"], ["--seeds", "3"])])
+def test_diffusers_option_names_and_the_earlier_ones_are_the_same_option(diffusers, earlier):
+    common = ["--reference", "real", "--dataset", "d"]
+    assert evaluate_model.parse_args(common + diffusers) == evaluate_model.parse_args(common + earlier)
+
+
+def test_new_descriptions_are_read_as_generate_reads_a_prompts_file(tmp_path):
+    path = tmp_path / "new.txt"
+    path.write_text("\ufeff# new creatures\n\na red fire lizard\n  # indented comment\n  a blue turtle  \n", encoding="utf-8")
+    assert evaluate_model.read_descriptions(path) == ["a red fire lizard", "a blue turtle"]
+    path.write_text("# only comments\n", encoding="utf-8")
+    with pytest.raises(evaluate_model.GenerateError, match=r"^--new_descriptions .*new.txt has no prompts"):
+        evaluate_model.read_descriptions(path)
+
+
+@pytest.mark.parametrize("problem", ["output", "descriptions"])
+def test_unwritable_output_or_unreadable_descriptions_fail_before_the_dataset_loads(tmp_path, monkeypatch, problem):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluate_model, "load_splits", no_load)
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / ("a-file/eval" if problem == "output" else "eval")
+    message = (r"^cannot write to --output_dir .*a-file/eval: Not a directory$" if problem == "output"
+               else r"^cannot read --new_descriptions .*missing.txt: No such file or directory$")
+    with pytest.raises(evaluate_model.GenerateError, match=message):
+        evaluate_model.main(["--model", str(tmp_path / "model"), "--dataset", "d", "--output_dir", str(out),
+                             "--new_descriptions", str(tmp_path / "missing.txt")])

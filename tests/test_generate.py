@@ -132,6 +132,69 @@ def test_diffusion_sprites_use_the_given_steps_and_guidance_scale(diffusion, tmp
     assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the defaults: 3 steps, guidance 3
 
 
+# one vocabulary: the diffusers scripts' option names, and the earlier ones as aliases
+
+
+DIFFUSERS_NAMES = ["--num_images_per_prompt", "2", "--num_inference_steps", "2", "--guidance_scale", "1.5",
+                   "--batch_size", "1", "--output_dir"]
+EARLIER_NAMES = ["--num", "2", "--steps", "2", "--guidance-scale", "1.5", "--batch-size", "1", "--out"]
+
+
+def test_diffusers_option_names_and_the_earlier_ones_give_the_same_sprites(diffusion, tmp_path):
+    folder, model = diffusion
+    for names, out in ((DIFFUSERS_NAMES, tmp_path / "diffusers"), (EARLIER_NAMES, tmp_path / "earlier")):
+        generate.main([PROMPT, "--model", str(folder), "--no-progress", *names, str(out)])
+
+    generator = torch.Generator().manual_seed(0)  # batches of one: the second sprite is drawn after the first
+    expected = [np.asarray(image) for _ in range(2) for image in model.generate(
+        [PROMPT], num_images_per_prompt=1, generator=generator, num_inference_steps=2, guidance_scale=1.5,
+        output_type="pil")]
+    for i, sprite in enumerate(expected):
+        name = f"a-small-blue-water-turtle-{i:02d}.png"
+        assert np.array_equal(pixels(tmp_path / "diffusers" / name)[1], sprite)
+        assert np.array_equal(pixels(tmp_path / "earlier" / name)[1], sprite)
+
+
+def test_prompts_file_takes_both_spellings():
+    for spelling in ("--prompts_file", "--prompts-file"):
+        args = generate.parse_args([spelling, "prompts.txt"])
+        assert args.prompts_file == "prompts.txt" and generate.flag(args, "prompts_file") == spelling
+    assert generate.flag(generate.parse_args([]), "prompts_file") == "--prompts_file"  # not given: the main name
+
+
+@pytest.mark.parametrize("option", ["--output_dir", "--out"])
+def test_a_message_names_the_option_as_it_was_typed(decoder, tmp_path, monkeypatch, option):
+    no_model_load(monkeypatch)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(GenerateError, match=f"^cannot write to {option} .*a-file/sprites: Not a directory$"):
+        generate.main([PROMPT, "--model", str(decoder[0]), option, str(tmp_path / "a-file" / "sprites")])
+
+
+def test_every_command_takes_the_diffusers_names_and_keeps_the_earlier_ones():
+    """generate.py, evaluate_model.py, train_accelerate.py and prepare_dataset.py: one vocabulary."""
+    import evaluate_model
+    import prepare_dataset
+    import train_accelerate
+
+    evaluate_args = ["--reference", "real", "--dataset", "d"]
+    for diffusers, earlier in ((["--output_dir", "x"], ["--out", "x"]),
+                               (["--num_images_per_prompt", "3"], ["--seeds", "3"])):
+        assert evaluate_model.parse_args(evaluate_args + diffusers) == evaluate_model.parse_args(evaluate_args + earlier)
+    evaluated = evaluate_model.parse_args(evaluate_args + ["--num_inference_steps", "3", "--guidance_scale", "2"])
+    assert (evaluated.num_inference_steps, evaluated.guidance_scale) == (3, 2.0)
+
+    trained = train_accelerate.parse_args(["--output_dir", "x", "--push_to_hub", "--hub_model_id", "me/m", "--hub_private_repo"])
+    assert (trained.output_dir, trained.push_to_hub, trained.hub_model_id, trained.hub_private) == ("x", True, "me/m", True)
+    assert train_accelerate.parse_args(["--hub_private"]).hub_private is True
+    assert train_accelerate.parse_args([]).hub_private is False
+    with pytest.raises(SystemExit):  # never read by the trainer: removed
+        train_accelerate.parse_args(["--eval_metrics"])
+
+    for private in ("--hub_private_repo", "--hub_private"):
+        prepared = prepare_dataset.parse_args(["--synthetic", "8", "--output_dir", "x", "--push_to_hub", "me/d", private])
+        assert prepared.private is True
+
+
 def test_overlong_prompt_is_truncated_with_a_warning_giving_the_token_counts(decoder, tmp_path, capsys):
     folder, _ = decoder
     prompt = "a small blue water turtle with a hard round shell that hides in lakes and sprays water at night"

@@ -47,8 +47,12 @@ def trainer_like_output(output_dir):
     """What train_accelerate.py leaves in output_dir: the final model at the top, training state around it."""
     model = save_tiny_model(output_dir, "decoder")
     settings = load_settings(REPO_ROOT / "tests" / "configs" / "tiny.yaml", hub_model_id=MODEL_REPO)
-    train_accelerate.save_model_card(output_dir, settings, {"step": 4, "val_loss": 0.5}, "data/pokesprite", MINILM)
-    sprites = model.generate([PROMPT, "a red fire lizard"], num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+    splits, report = prepare_dataset.build_synthetic_dataset(12, seed=0)  # the data it "trained" on, with its card
+    dataset = prepare_dataset.save_dataset(splits, output_dir.parent / "synthetic", card=prepare_dataset.dataset_card(
+        splits, report=report, synthetic=True))
+    prompts = [PROMPT, "a red fire lizard"]
+    train_accelerate.save_model_card(output_dir, settings, {"step": 4, "val_loss": 0.5}, str(dataset), MINILM, prompts=prompts)
+    sprites = model.generate(prompts, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
     sprite_grid(sprites, nrow=2).save(output_dir / "samples.png")
     for step in (2, 4):
         checkpoint = output_dir / f"checkpoint-{step}"
@@ -103,7 +107,10 @@ def test_pushed_model_repo_holds_the_model_code_tokenizer_and_card_but_no_traini
     assert config["model_type"] == "pokesprite"
     assert config["auto_map"] == {"AutoConfig": "configuration_pokesprite.PokeSpriteConfig",
                                   "AutoModel": "modeling_pokesprite.PokeSpriteModel"}
-    assert "pipeline_tag: text-to-image" in (repo / "README.md").read_text()
+    card = (repo / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and "license: mit" in card  # the synthetic dataset's licence
+    for text in (card, (repo / "config.json").read_text()):  # no path of the machine that pushed it
+        assert str(output_dir.parent) not in text and str(MINILM) not in text and "site-packages" not in text
 
 
 MODEL_CLIENT = """

@@ -219,7 +219,10 @@ def test_final_folder_loads_with_automodel_in_a_fresh_process_and_generates(diff
     ]
 
 
-def test_model_card_has_text_to_image_metadata_and_the_final_metrics(diffusion_run):
+def test_model_card_has_text_to_image_metadata_and_the_final_metrics(diffusion_run, synthetic_dataset_dir):
+    from datasets import load_from_disk
+    from huggingface_hub import ModelCard
+
     output_dir = diffusion_run
     card = (output_dir / "README.md").read_text()
     metadata = card.split("---")[1]
@@ -228,6 +231,19 @@ def test_model_card_has_text_to_image_metadata_and_the_final_metrics(diffusion_r
     val_loss = scalars(output_dir / LOGS)["val/loss"][8]
     assert "| step | 8 |" in card
     assert f"| val_loss | {val_loss:.4f} |" in card
+    data = ModelCard(card).data
+    [result] = data.eval_results
+    assert (result.metric_type, result.dataset_split) == ("val_loss", "validation")
+    assert result.metric_value == pytest.approx(val_loss)
+    assert data.license == "mit"  # the synthetic dataset's card says so
+    prompts = load_from_disk(str(synthetic_dataset_dir))["validation"]["text"][:2]  # tiny.yaml: 2 validation prompts
+    assert data.widget == [{"text": " | ".join(prompts), "output": {"url": "samples.png"}}]
+    # nothing shared names a path of the machine: the dataset and the text encoder by their folder names
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_name"] == config["text_config"]["_name_or_path"] == MINILM.name
+    for text in (card, (output_dir / "config.json").read_text()):
+        for path in (str(synthetic_dataset_dir), str(MINILM), str(output_dir.parent), "site-packages"):
+            assert path not in text, path
 
 
 # resuming

@@ -160,7 +160,7 @@ def name_colour(image):
     return name_colours(x)[0]
 
 
-# Copied from metrics/frechet/frechet.py
+# Copied from metrics/frechet/frechet.py: single_threaded
 @contextlib.contextmanager
 def single_threaded():
     """Run torch single-threaded. Sprite-sized tensors gain little from intra-op threads, and on a shared CPU

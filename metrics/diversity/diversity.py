@@ -46,7 +46,7 @@ Examples:
     >>> diversity.compute(predictions=images, group_ids=[0, 0, 0, 0, 1, 1, 1, 1])["diversity"]
 """
 
-# Copied from metrics/frechet/frechet.py: the sprite-v1 block weights
+# Copied from metrics/frechet/frechet.py: COLOUR_WEIGHT, LAYOUT_WEIGHT, EDGE_WEIGHT, FEATURE_BATCH
 COLOUR_WEIGHT = 26.4
 LAYOUT_WEIGHT = 5.1
 EDGE_WEIGHT = 175.6
@@ -57,7 +57,21 @@ PAIR_CHUNK = 256  # image pairs compared per step: bounds memory at PAIR_CHUNK x
 # helpers
 
 
-# Copied from metrics/frechet/frechet.py (evaluate copies one file per module, so there is no shared import)
+# Copied from attention_maps.py: on_white (evaluate loads one file per module, so there is no shared import)
+def on_white(images):
+    """(B, C, H, W) in [0, 1] -> RGB on a white background (alpha-composited when C is 4).
+
+    The one rule for showing a sprite with alpha. It lives in attention_maps.py, whose grids and figures generate.py,
+    app.py, the trainer and evaluate_model.py draw with; each metrics/ module, which evaluate loads as a single
+    file, holds a copy marked `# Copied from attention_maps.py: on_white`, kept equal by tests/test_copies.py.
+    """
+    if images.shape[1] == 3:
+        return images
+    rgb, alpha = images[:, :3], images[:, 3:4]
+    return rgb * alpha + (1 - alpha)
+
+
+# Copied from metrics/frechet/frechet.py: composite_on_white
 def composite_on_white(images):
     """(N, 3, H, W) float32 CPU tensor from (N, C, H, W) / (C, H, W) images in [0, 1], or a list of them.
 
@@ -77,14 +91,10 @@ def composite_on_white(images):
             f"Expected pixel values in [0, 1], got min {x.min():.3f} and max {x.max():.3f}; "
             "map [-1, 1] outputs with (x + 1) / 2 and uint8 with x / 255."
         )
-    x = x.clamp(0, 1)
-    if x.shape[1] == 4:
-        rgb, alpha = x[:, :3], x[:, 3:]
-        x = rgb * alpha + (1 - alpha)
-    return x
+    return on_white(x.clamp(0, 1))
 
 
-# Copied from metrics/frechet/frechet.py
+# Copied from metrics/frechet/frechet.py: _sprite_features_batch
 def _sprite_features_batch(rgb):
     n = rgb.shape[0]
     # colour: 4x4x4 histogram; sqrt makes Euclidean distance the Hellinger distance between histograms
@@ -122,7 +132,7 @@ def _sprite_features_batch(rgb):
     return torch.cat([COLOUR_WEIGHT * colour, LAYOUT_WEIGHT * layout, EDGE_WEIGHT * edges], dim=1)
 
 
-# Copied from metrics/frechet/frechet.py
+# Copied from metrics/frechet/frechet.py: sprite_features
 def sprite_features(rgb):
     """(N, 384) float64 tensor of sprite-v1 features of (N, 3, H, W) RGB images in [0, 1]."""
     return torch.cat([_sprite_features_batch(chunk) for chunk in rgb.split(FEATURE_BATCH)]).double()
@@ -153,7 +163,7 @@ def mean_pair_distance_per_group(vectors, first, second, pair_group, distance):
     return torch.bincount(pair_group, weights=per_pair.double()) / torch.bincount(pair_group)
 
 
-# Copied from metrics/frechet/frechet.py
+# Copied from metrics/frechet/frechet.py: single_threaded
 @contextlib.contextmanager
 def single_threaded():
     """Run torch single-threaded. Sprite-sized tensors gain little from intra-op threads, and on a shared CPU

@@ -96,6 +96,20 @@ FEATURE_BATCH = 256
 # helpers
 
 
+# Copied from attention_maps.py: on_white (evaluate loads one file per module, so there is no shared import)
+def on_white(images):
+    """(B, C, H, W) in [0, 1] -> RGB on a white background (alpha-composited when C is 4).
+
+    The one rule for showing a sprite with alpha. It lives in attention_maps.py, whose grids and figures generate.py,
+    app.py, the trainer and evaluate_model.py draw with; each metrics/ module, which evaluate loads as a single
+    file, holds a copy marked `# Copied from attention_maps.py: on_white`, kept equal by tests/test_copies.py.
+    """
+    if images.shape[1] == 3:
+        return images
+    rgb, alpha = images[:, :3], images[:, 3:4]
+    return rgb * alpha + (1 - alpha)
+
+
 def composite_on_white(images):
     """(N, 3, H, W) float32 CPU tensor from (N, C, H, W) / (C, H, W) images in [0, 1], or a list of them.
 
@@ -115,11 +129,7 @@ def composite_on_white(images):
             f"Expected pixel values in [0, 1], got min {x.min():.3f} and max {x.max():.3f}; "
             "map [-1, 1] outputs with (x + 1) / 2 and uint8 with x / 255."
         )
-    x = x.clamp(0, 1)
-    if x.shape[1] == 4:
-        rgb, alpha = x[:, :3], x[:, 3:]
-        x = rgb * alpha + (1 - alpha)
-    return x
+    return on_white(x.clamp(0, 1))
 
 
 def _sprite_features_batch(rgb):

@@ -56,7 +56,21 @@ K1, K2 = 0.01, 0.03  # with data range 1: C1 = K1^2, C2 = K2^2
 # helpers
 
 
-# Copied from metrics/frechet/frechet.py (evaluate copies one file per module, so there is no shared import)
+# Copied from attention_maps.py: on_white (evaluate loads one file per module, so there is no shared import)
+def on_white(images):
+    """(B, C, H, W) in [0, 1] -> RGB on a white background (alpha-composited when C is 4).
+
+    The one rule for showing a sprite with alpha. It lives in attention_maps.py, whose grids and figures generate.py,
+    app.py, the trainer and evaluate_model.py draw with; each metrics/ module, which evaluate loads as a single
+    file, holds a copy marked `# Copied from attention_maps.py: on_white`, kept equal by tests/test_copies.py.
+    """
+    if images.shape[1] == 3:
+        return images
+    rgb, alpha = images[:, :3], images[:, 3:4]
+    return rgb * alpha + (1 - alpha)
+
+
+# Copied from metrics/frechet/frechet.py: composite_on_white
 def composite_on_white(images):
     """(N, 3, H, W) float32 CPU tensor from (N, C, H, W) / (C, H, W) images in [0, 1], or a list of them.
 
@@ -76,11 +90,7 @@ def composite_on_white(images):
             f"Expected pixel values in [0, 1], got min {x.min():.3f} and max {x.max():.3f}; "
             "map [-1, 1] outputs with (x + 1) / 2 and uint8 with x / 255."
         )
-    x = x.clamp(0, 1)
-    if x.shape[1] == 4:
-        rgb, alpha = x[:, :3], x[:, 3:]
-        x = rgb * alpha + (1 - alpha)
-    return x
+    return on_white(x.clamp(0, 1))
 
 
 def gaussian_window_matrix(size):
@@ -114,7 +124,7 @@ def ssim(x, y):
     return ssim_map.mean(dim=(1, 2, 3))
 
 
-# Copied from metrics/frechet/frechet.py
+# Copied from metrics/frechet/frechet.py: single_threaded
 @contextlib.contextmanager
 def single_threaded():
     """Run torch single-threaded. Sprite-sized tensors gain little from intra-op threads, and on a shared CPU

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""A markdown table of evaluate_model.py results, one row per eval.json, as RESULTS.md shows them.
+
+    python scripts/results_table.py real=outputs/eval/real retrieval=outputs/eval/retrieval flow-15min=outputs/eval/flow-15
+"""
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = [  # (eval.json key, header, format)
+    ("colour/accuracy", "colour accuracy", "{:.3f}"),
+    ("diversity/diversity", "diversity", "{:.3f}"),
+    ("diversity/feature_diversity", "feature diversity", "{:.1f}"),
+    ("memorisation/nn_ratio", "nn_ratio", "{:.2f}"),
+    ("memorisation/copy_fraction", "copies", "{:.3f}"),
+    ("frechet/frechet_distance", "Fréchet", "{:.1f}"),
+    ("frechet/kid", "KID", "{:.2f}"),
+    ("reconstruction/l1", "L1", "{:.3f}"),
+    ("reconstruction/ssim", "SSIM", "{:.3f}"),
+    ("seconds_per_sprite", "s/sprite", "{:.3f}"),
+]
+
+
+def main(rows):
+    print("| row | " + " | ".join(header for _, header, _ in COLUMNS) + " |")
+    print("| --- " * (len(COLUMNS) + 1) + "|")
+    for row in rows:
+        name, folder = row.split("=", 1)
+        metrics = json.loads((Path(folder) / "eval.json").read_text())
+        cells = [fmt.format(metrics[key]) if key in metrics else "" for key, _, fmt in COLUMNS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
