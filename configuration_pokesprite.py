@@ -1,5 +1,7 @@
 """PokeSprite configuration: every knob of the model in one place, saved as `config.json`."""
 
+import math
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -17,6 +19,16 @@ BERT_MINI = {
 
 # modeling_pokesprite.GENERATORS maps each to its class
 GENERATOR_TYPES = ("decoder", "diffusion", "flow")
+# the integer fields and their least usable value, and the float fields' ranges: checked when a config is built
+INT_MINIMUMS = {
+    "hidden_dim": 1, "nhead": 1, "num_encoder_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
+    "noise_dim": 1, "text_embedding_dim": 1, "base_channels": 1, "unet_patch_size": 1, "unet_layers_per_block": 1,
+    "num_train_timesteps": 2, "num_inference_steps": 1,
+}
+FLOAT_RANGES = {
+    "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
+    "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "initializer_range": (0, math.inf),
+}
 
 
 class PokeSpriteConfig(PretrainedConfig):
@@ -103,6 +115,7 @@ class PokeSpriteConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.check_types_and_ranges()
         if self.generator_type not in GENERATOR_TYPES:
             raise ValueError(f"generator_type must be one of {', '.join(GENERATOR_TYPES)}, got {self.generator_type!r}")
         if self.num_channels not in (3, 4):
@@ -124,6 +137,9 @@ class PokeSpriteConfig(PretrainedConfig):
                 raise ValueError(f"the decoder has {self.base_channels * 4 // r} channels at {r} px, not a multiple of num_attention_heads ({self.num_attention_heads})")
         if self.unet_patch_size < 1 or self.image_size % self.unet_patch_size:
             raise ValueError(f"unet_patch_size ({self.unet_patch_size}) must divide image_size ({self.image_size})")
+        if (self.image_size // self.unet_patch_size) % 2 ** (len(self.unet_channels) - 1):
+            raise ValueError(f"the UNet halves image_size / unet_patch_size ({self.image_size // self.unet_patch_size}) "
+                             f"{len(self.unet_channels) - 1} times (one less than unet_channels has entries): it must divide evenly")
         unet_sizes = [(self.image_size // self.unet_patch_size) >> i for i in range(len(self.unet_channels))]
         for r, c in zip(unet_sizes, self.unet_channels):
             if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.num_attention_heads:
@@ -132,6 +148,33 @@ class PokeSpriteConfig(PretrainedConfig):
         self.cross_attention_resolutions = list(self.cross_attention_resolutions)
         self.unet_channels = list(self.unet_channels)
         self.unet_attention_resolutions = list(self.unet_attention_resolutions)
+
+    def check_types_and_ranges(self):
+        """Every numeric field has the right type and a usable value, so a tampered or hand-edited `config.json`
+        fails in `from_pretrained` with one line naming the field, not later inside a layer."""
+        def fail(name, what):
+            raise ValueError(f"PokeSpriteConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        is_number = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+        for name, low in INT_MINIMUMS.items():
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
+                fail(name, f"an integer >= {low}")
+        for name, (low, high) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not is_number(value) or not low <= value <= high:
+                fail(name, f"a number from {low} to {high}")
+        for name in ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(is_int(v) and v >= 1 for v in value):
+                fail(name, "a list of integers >= 1")
+        if not self.unet_channels:
+            fail("unet_channels", "a non-empty list")
+        for name in ("generator_type", "model_name"):
+            if not isinstance(getattr(self, name), str):
+                fail(name, "a string")
+        if not isinstance(self.freeze_text_encoder, bool):
+            fail("freeze_text_encoder", "true or false")
 
 
 __all__ = ["PokeSpriteConfig"]

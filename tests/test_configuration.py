@@ -1,0 +1,52 @@
+"""PokeSpriteConfig refuses values it cannot work with when it is built, in one line that names the field."""
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfig
+
+LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions")
+FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder"]
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(-4, 64), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_dim", -32), ("max_text_length", -5), ("max_text_length", 0), ("image_size", "sixty-four"),
+    ("noise_dim", 0), ("nhead", 2.5), ("num_inference_steps", True), ("text_dropout", 1.5), ("eta", math.nan),
+    ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
+])
+def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
+    with pytest.raises(ValueError) as error:
+        PokeSpriteConfig(**{field: value})
+    message = str(error.value)
+    assert message.startswith(f"PokeSpriteConfig.{field} must be") and "\n" not in message
+
+
+def test_from_pretrained_of_a_tampered_config_json_names_the_field(tmp_path):
+    PokeSpriteConfig().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_dim": -32}))
+    with pytest.raises(ValueError, match=r"^PokeSpriteConfig\.hidden_dim must be an integer >= 1, got -32$"):
+        PokeSpriteConfig.from_pretrained(tmp_path)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(FIELDS), ANY_VALUE, min_size=1, max_size=3))
+def test_any_values_build_or_fail_with_one_line_naming_a_field(values):
+    try:
+        config = PokeSpriteConfig(**values)
+    except ValueError as error:
+        message = str(error)
+        assert "\n" not in message
+        named = [name for name in FIELDS if name in message]
+        assert named, message  # the field itself, or the one a shape rule names (e.g. nhead for hidden_dim)
+        return
+    for name in INT_MINIMUMS:  # what builds is usable
+        assert isinstance(getattr(config, name), int) and getattr(config, name) >= INT_MINIMUMS[name]
