@@ -21,7 +21,7 @@ BERT_MINI = {
 GENERATOR_TYPES = ("decoder", "diffusion", "flow")
 # the integer fields and their least usable value, and the float fields' ranges: checked when a config is built
 INT_MINIMUMS = {
-    "hidden_dim": 1, "nhead": 1, "num_encoder_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
+    "hidden_size": 1, "num_attention_heads": 1, "num_hidden_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
     "noise_dim": 1, "text_embedding_dim": 1, "base_channels": 1, "unet_patch_size": 1, "unet_layers_per_block": 1,
     "num_train_timesteps": 2, "num_inference_steps": 1,
 }

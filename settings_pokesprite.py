@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -261,13 +262,33 @@ def _model_fields():
 MODEL_FIELDS = _model_fields()
 
 
-def _model_argument(f):
+def _config_docs():
+    """{field: its entry in PokeSpriteConfig's docstring}: an entry starts at a line naming fields as `name (`type`,
+    default)` and runs on over the lines indented deeper."""
+    entries, current = [], None
+    for line in (PokeSpriteConfig.__doc__ or "").splitlines():
+        indent = len(line) - len(line.lstrip())
+        if re.match(r"\s+\w+(, \w+)* \(`", line):
+            current = [indent, line.strip()]
+            entries.append(current)
+        elif current is not None and line.strip() and indent >= current[0] and not line.rstrip().endswith(":"):
+            current[1] += " " + line.strip()
+        else:
+            current = None
+    docs = {}
+    for _, text in entries:
+        for name in re.findall(r"\b(\w+)(?=(?:, \w+)* \(`)", text):
+            docs.setdefault(name, text)
+    return docs
+
+
+def _model_argument(f, docs=_config_docs()):
     kind = f.type
     if f.name == "generator_type":
         kind = Literal[GENERATOR_TYPES]
     elif isinstance(f.default, (list, tuple)):
         kind = list[int]
-    help = f"model (YAML model:): PokeSpriteConfig.{f.name}, see configuration_pokesprite.py"
+    help = docs.get(f.name, f"PokeSpriteConfig.{f.name}").replace("%", "%%")
     if f.name == "model_name":
         return kind, setting(f.default, "the pretrained BERT to start from: Hub id or local folder",
                              aliases=["--text_encoder", "--text-encoder"])

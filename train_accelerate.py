@@ -25,24 +25,24 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
-from accelerate.utils import broadcast_object_list, gather_object  # noqa: E402
-from accelerate.utils import load as torch_load_weights_only  # noqa: E402
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer, get_scheduler  # noqa: E402
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import load as torch_load_weights_only
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
-from attention_maps import attention_figure, attention_for_prompt, sprite_grid  # noqa: E402
-from configuration_pokesprite import PokeSpriteConfig  # noqa: E402
-from data_pokesprite import augment, load_splits, split_to_tensors  # noqa: E402
-from modeling_pokesprite import PokeSpriteModel  # noqa: E402
-from settings_pokesprite import DEFAULT_CONFIG, PreflightError, error_summary, load_config, parse_args, use_channels_last  # noqa: E402, F401
+from attention_maps import attention_figure, attention_for_prompt, sprite_grid
+from configuration_pokesprite import PokeSpriteConfig
+from data_pokesprite import augment, load_splits, split_to_tensors
+from modeling_pokesprite import PokeSpriteModel
+from settings_pokesprite import DEFAULT_CONFIG, PreflightError, error_summary, load_config, parse_args, use_channels_last  # noqa: F401
 
 logger = get_logger(__name__)
 

@@ -18,8 +18,8 @@ ANY_VALUE = st.one_of(
 
 
 @pytest.mark.parametrize("field, value", [
-    ("hidden_dim", -32), ("max_text_length", -5), ("max_text_length", 0), ("image_size", "sixty-four"),
-    ("noise_dim", 0), ("nhead", 2.5), ("num_inference_steps", True), ("text_dropout", 1.5), ("eta", math.nan),
+    ("hidden_size", -32), ("max_text_length", -5), ("max_text_length", 0), ("image_size", "sixty-four"),
+    ("noise_dim", 0), ("num_attention_heads", 2.5), ("num_inference_steps", True), ("text_dropout", 1.5), ("eta", math.nan),
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
@@ -32,8 +32,8 @@ def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field,
 def test_from_pretrained_of_a_tampered_config_json_names_the_field(tmp_path):
     PokeSpriteConfig().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_dim": -32}))
-    with pytest.raises(ValueError, match=r"^PokeSpriteConfig\.hidden_dim must be an integer >= 1, got -32$"):
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": -32}))
+    with pytest.raises(ValueError, match=r"^PokeSpriteConfig\.hidden_size must be an integer >= 1, got -32$"):
         PokeSpriteConfig.from_pretrained(tmp_path)
 
 
@@ -46,7 +46,7 @@ def test_any_values_build_or_fail_with_one_line_naming_a_field(values):
         message = str(error)
         assert "\n" not in message
         named = [name for name in FIELDS if name in message]
-        assert named, message  # the field itself, or the one a shape rule names (e.g. nhead for hidden_dim)
+        assert named, message  # the field itself, or the one a shape rule names (e.g. num_attention_heads for hidden_size)
         return
     for name in INT_MINIMUMS:  # what builds is usable
         assert isinstance(getattr(config, name), int) and getattr(config, name) >= INT_MINIMUMS[name]
