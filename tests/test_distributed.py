@@ -108,14 +108,15 @@ PokeSpriteModel.forward = forward_with_rng_record
 if os.environ.get("DETERMINISTIC") == "1":
     # No randomness in the training step: zero decoder noise, no dropout. Each rank has its own RNG stream, so
     # with randomness on, 2 x 4 and 1 x 8 draw different noise by construction and can only agree loosely.
-    decoder_forward = PokeSpriteModel._decoder_forward
+    # (the training step's noise: drawn by PokeSpriteModel.forward when none is given; validation passes its own)
+    noisy_forward = PokeSpriteModel.forward
 
-    def zero_noise_forward(self, tokens, mask, noise, *args):
-        if noise is None:
-            noise = tokens.new_zeros(tokens.shape[0], self.config.noise_dim)
-        return decoder_forward(self, tokens, mask, noise, *args)
+    def zero_noise_forward(self, input_ids, attention_mask=None, noise=None, **kwargs):
+        if noise is None and kwargs.get("pixel_values") is not None:
+            noise = torch.zeros(self.generator.noise_shape(input_ids.shape[0]), device=input_ids.device)
+        return noisy_forward(self, input_ids, attention_mask, noise, **kwargs)
 
-    PokeSpriteModel._decoder_forward = zero_noise_forward
+    PokeSpriteModel.forward = zero_noise_forward
     from_text_encoder = PokeSpriteModel.from_text_encoder.__func__
 
     def without_dropout(cls, *args, **kwargs):
