@@ -324,9 +324,21 @@ def make_parser():
     return parser
 
 
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def parse_args(argv=None):
-    """The command line: RunArguments' values, and each setting flag that was given (only those)."""
-    return make_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    """The command line: every setting's value, the dataclasses' default where no flag was given (the YAML fills
+    those in: load_config); `given_flags` names the settings that were given, the ones that override the YAML."""
+    args = make_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    run = {f.name for f in dataclasses.fields(RunArguments)}
+    args.given_flags = sorted(set(vars(args)) - run)
+    for kind in (ModelArguments, *SECTIONS.values()):
+        for f in dataclasses.fields(kind):
+            if not hasattr(args, f.name):
+                setattr(args, f.name, _default(f))
+    return args
 
 
 # the nested blocks of configs written before the model: block was PokeSpriteConfig's keywords
@@ -421,7 +433,8 @@ def build_settings(cfg, path="the config"):
 def load_config(args):
     """The run's Settings: the YAML of args.config, each flag of args written over its key, checked."""
     cfg = read_config(args.config)
-    given = vars(args)
+    # from parse_args: only the flags that were given override the YAML; a Namespace made by hand: all it holds
+    given = {k: v for k, v in vars(args).items() if k in getattr(args, "given_flags", vars(args))}
     blocks = {"model": set(MODEL_FIELDS), **{name: {f.name for f in dataclasses.fields(kind)} for name, kind in SECTIONS.items()}}
     for block, keys in blocks.items():
         flags = {k: v for k, v in given.items() if k in keys}
