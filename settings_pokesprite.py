@@ -13,7 +13,9 @@ PreflightError, one line that names the flag and the YAML key, before anything l
     settings = load_config(parse_args(["--config", "config/cpu.yaml", "--learning_rate", "1e-3"]))
     settings.training.learning_rate, settings.model.generator_type
 
-`model_settings("config/cpu.yaml")` gives the model block alone, as `PokeSpriteConfig` keywords (the benchmarks).
+`load_settings("config/cpu.yaml", generator_type="decoder")` reads a YAML with overrides, as the command line would;
+`model_settings("config/cpu.yaml")` gives its model block alone, as `PokeSpriteConfig` keywords (the benchmarks). The
+model's flags take their help from `PokeSpriteConfig`'s docstring.
 """
 
 import argparse
