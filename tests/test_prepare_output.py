@@ -9,23 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from test_prepare_dataset import run_main
 from datasets import DatasetDict, Features, load_from_disk
 from datasets import Image as ImageFeature
 from huggingface_hub import DatasetCard
 
 import prepare_dataset
-from prepare_dataset import build_dataset, main, prepare
-
-
-def run_main(args, capsys):
-    """main() as the CLI would run it; returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from prepare_dataset import build_dataset, prepare
 
 
 def split_numbers(dataset_dict):

