@@ -82,7 +82,7 @@ def attention_figure(sprite, heatmaps, words, scale=2):
 
 
 @torch.no_grad()
-def attention_for_prompt(model, prompt, seed=0, tokenizer=None, **sampling):
+def attention_for_prompt(model, prompt, seed=0, **sampling):
     """Generate one sprite for `prompt` and return (sprite in [0, 1], per-token heatmaps, words).
 
     Uses `model(..., output_attentions=True)`, so it works for all generator types: the decoder's attention in
@@ -90,7 +90,7 @@ def attention_for_prompt(model, prompt, seed=0, tokenizer=None, **sampling):
     num_inference_steps, eta) goes to the sampler, as in `model.generate`.
 
     The prompt is tokenised by `model.tokenize`, as `model.generate` tokenises it, and the panels are labelled with
-    `model.tokenizer`'s tokens. `tokenizer` is ignored; it stays for callers that still pass the model's own.
+    `model.tokenizer`'s tokens.
     """
     input_ids, attention_mask = model.tokenize([prompt])
     noise = model.make_noise(1, torch.Generator().manual_seed(seed))
@@ -101,9 +101,8 @@ def attention_for_prompt(model, prompt, seed=0, tokenizer=None, **sampling):
     return sprite, heatmaps, words
 
 
-def save_attention_maps(model, prompt, path, seed=0, tokenizer=None, **sampling):
-    """Write the attention figure of `prompt` to `path` (PNG); returns the words, one panel each after the sprite.
-    `tokenizer` is ignored, as in attention_for_prompt."""
+def save_attention_maps(model, prompt, path, seed=0, **sampling):
+    """Write the attention figure of `prompt` to `path` (PNG); returns the words, one panel each after the sprite."""
     sprite, heatmaps, words = attention_for_prompt(model, prompt, seed, **sampling)
     attention_figure(sprite, heatmaps, words).save(path)
     return words

@@ -473,14 +473,14 @@ def validation_loss(accelerator, net, val, val_loader, val_noise, val_timesteps,
 
 
 @torch.no_grad()
-def log_samples(accelerator, net, tokenizer, prompts, step, output_dir, seed):
+def log_samples(accelerator, net, prompts, step, output_dir, seed):
     """A sample grid (fixed prompts, two fixed seeds each) and the attention heatmaps of the first prompt."""
     generator = torch.Generator().manual_seed(seed)
     was_training = net.training
     net.eval()  # no dropout in the text encoder: the samples a user of the saved model would get
     with accelerator.autocast():
         images = net.generate(prompts, num_images_per_prompt=2, generator=generator, progress_bar=False)
-        sprite, heatmaps, words = attention_for_prompt(net, prompts[0], seed=seed, tokenizer=tokenizer)
+        sprite, heatmaps, words = attention_for_prompt(net, prompts[0], seed=seed)
     net.train(was_training)
     # column = prompt, row = seed, as in the reference sheets
     order = torch.arange(len(images)).view(len(prompts), 2).t().reshape(-1)
@@ -846,7 +846,7 @@ def save_final_model(accelerator, settings, final, tokenizer, prompts, metrics, 
     the Hub push when asked for."""
     final.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    grid = log_samples(accelerator, final, tokenizer, prompts, metrics["step"], output_dir, settings.training.seed)
+    grid = log_samples(accelerator, final, prompts, metrics["step"], output_dir, settings.training.seed)
     grid.save(output_dir / "samples.png")
     save_model_card(output_dir, settings, metrics, settings.data.dataset, settings.model.model_name, prompts=prompts)
     (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
@@ -985,7 +985,7 @@ def main(args):
                     if at_checkpoint and last_val < best["loss"]:
                         best = {"loss": last_val, "step": global_step}
                 if at_validation and global_step < max_steps and accelerator.is_main_process:  # the last: below
-                    log_samples(accelerator, net(), tokenizer, prompts, global_step, output_dir, training.seed)
+                    log_samples(accelerator, net(), prompts, global_step, output_dir, training.seed)
                 if at_checkpoint:
                     checkpoint_now()
                 if stop.requested(accelerator):
