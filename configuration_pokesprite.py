@@ -27,7 +27,8 @@ INT_MINIMUMS = {
 }
 FLOAT_RANGES = {
     "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
-    "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "initializer_range": (0, math.inf),
+    "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "flow_shift": (0.1, 20), "flow_logit_mean": (-3, 3),
+    "initializer_range": (0, math.inf),
 }
 
 
@@ -67,6 +68,10 @@ class PokeSpriteConfig(PretrainedConfig):
         unet_channels (`list[int]`, [64, 128, 256, 256]): channels at each UNet resolution, from the highest
             (64/32/16/8 px with patch size 1).
         unet_layers_per_block (`int`, 1): residual blocks per resolution.
+        unet_symmetric (`bool`, False): the up path mirrors the down path block for block, each taking the skip of
+            its twin (Ronneberger et al., 2015). False is diffusers' layout: one up block more per resolution, which
+            also takes the outputs of the input convolution and of each downsampler; on 4x4 patches that extra
+            block at 16 and 8 px is a quarter of the FLOPs (RESULTS.md).
         unet_attention_resolutions (`list[int]`, [16, 8]): resolutions with self- and cross-attention.
         num_train_timesteps (`int`, 1000): diffusion: discrete steps of the cosine noise schedule; flow: the scale
             t in (0, 1) is multiplied by for the UNet's time embedding.
@@ -74,6 +79,11 @@ class PokeSpriteConfig(PretrainedConfig):
             makes classifier-free guidance possible.
         guidance_scale (`float`, 3.0), num_inference_steps (`int`, 25), eta (`float`, 0.0): sampling defaults;
             eta (DDIM only) 0 is deterministic, 1 adds DDPM-like noise at each step.
+        flow_logit_mean (`float`, 0.0): flow only: training draws t = sigmoid(n), n ~ Normal(flow_logit_mean, 1)
+            (SD3's logit-normal); a positive mean trains more at high noise (Li & He, 2025, shift the same way).
+        flow_shift (`float`, 1.0): flow only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
+            so that s > 1 spends more of them at high noise, where the layout of a sprite is decided (SD3's time
+            shift, diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`); 1 spaces them evenly.
     """
 
     model_type = "pokesprite"
@@ -105,12 +115,15 @@ class PokeSpriteConfig(PretrainedConfig):
     unet_patch_size: int = 1
     unet_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
     unet_layers_per_block: int = 1
+    unet_symmetric: bool = False
     unet_attention_resolutions: list[int] | tuple[int, ...] = (16, 8)
     num_train_timesteps: int = 1000
     text_dropout: float = 0.1
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     eta: float = 0.0
+    flow_logit_mean: float = 0.0
+    flow_shift: float = 1.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -173,8 +186,9 @@ class PokeSpriteConfig(PretrainedConfig):
         for name in ("generator_type", "model_name"):
             if not isinstance(getattr(self, name), str):
                 fail(name, "a string")
-        if not isinstance(self.freeze_text_encoder, bool):
-            fail("freeze_text_encoder", "true or false")
+        for name in ("freeze_text_encoder", "unet_symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false")
 
 
 __all__ = ["PokeSpriteConfig"]

@@ -68,9 +68,9 @@ def parse_args(argv=None):
                         help="output folder, created if missing (default: %(default)s)")
     parser.add_argument("--attention", action="store_true", help="also write each prompt's per-word attention heatmaps")
     parser.add_argument("--guidance_scale", "--guidance-scale", type=float, action=Spelled,
-                        help="diffusion models: classifier-free guidance (default: the model's)")
+                        help="flow and diffusion models: classifier-free guidance (default: the model's)")
     parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
-                        help="diffusion models: DDIM sampling steps (default: the model's)")
+                        help="flow and diffusion models: sampling steps (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                         help="no progress bar over the sampling steps (for logs)")
@@ -362,7 +362,7 @@ def main(argv=None):
         sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps}
     elif args.guidance_scale is not None or args.num_inference_steps is not None:
         print(f"warning: {flag(args, 'guidance_scale')} and {flag(args, 'num_inference_steps')} apply to models that "
-              f"sample in steps with guidance (diffusion); this {model.config.generator_type} model makes a sprite in "
+              f"sample in steps with guidance (flow, diffusion); this {model.config.generator_type} model makes a sprite in "
               f"one pass, so they are ignored", file=sys.stderr)
     options = progress_option(model.generate, args.progress)
     num = args.num_images_per_prompt

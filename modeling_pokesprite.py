@@ -170,6 +170,7 @@ class PokeSpriteDecoder(nn.Module):
     `image_size` pixels in [-1, 1], in one pass. Trained with L1 + MSE reconstruction plus attention coverage."""
 
     attribute_name = "decoder"  # where PokeSpriteModel keeps it: the prefix of its weights in model.safetensors
+    objective = "L1 + MSE + attention coverage"  # for the model card
     uses_guidance = False
 
     def __init__(self, config):
@@ -311,9 +312,11 @@ class PokeSpriteUNet(nn.Module):
     With `unet_patch_size` p > 1 the sprite is first folded into p x p patches (pixel-unshuffle: 64x64x4 becomes
     16x16x64 for p = 4) and unfolded at the end: the convolutions then run at 64/p px and below, where a CPU spends
     a fraction of the FLOPs, at little cost in quality ("simple diffusion", Hoogeboom et al., 2023).
-    The down path keeps every block's output as a skip connection; the up path has one block more per resolution
-    and each takes one skip back. The noise level and the pooled text enter every residual block through FiLM, the
-    tokens through cross-attention at `unet_attention_resolutions` and in the middle block.
+    The down path keeps every block's output as a skip connection; in diffusers' layout (the default) it also keeps
+    the input convolution's and every downsampler's, and the up path has one block more per resolution to take them
+    back. With `unet_symmetric` the up path mirrors the down path, one skip per block. The noise level and the
+    pooled text enter every residual block through FiLM, the tokens through cross-attention at
+    `unet_attention_resolutions` and in the middle block.
     """
 
     attribute_name = "unet"
@@ -329,12 +332,14 @@ class PokeSpriteUNet(nn.Module):
         self.text_mlp = nn.Linear(config.hidden_size, embedding_dim)
         self.conv_in = nn.Conv2d(config.num_channels * p * p, self.base, 3, padding=1)
 
-        self.down, skips, ch = nn.ModuleList(), [self.base], self.base
+        # the channels of each skip connection, in the order the down path makes them
+        symmetric = config.unet_symmetric
+        self.down, skips, ch = nn.ModuleList(), [] if symmetric else [self.base], self.base
         for level, out_ch in enumerate(channels):
             last = level == len(channels) - 1
             downsample = None if last else nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1)
             self.down.append(PokeSpriteUNetLevel(config, [ch] + [out_ch] * (n - 1), out_ch, (config.image_size // p) >> level, downsample))
-            skips += [out_ch] * (n if last else n + 1)
+            skips += [out_ch] * (n if last or symmetric else n + 1)
             ch = out_ch
 
         self.mid_resnet1 = PokeSpriteResBlock(ch, ch, embedding_dim)
@@ -344,7 +349,7 @@ class PokeSpriteUNet(nn.Module):
         self.up = nn.ModuleList()
         for level, out_ch in reversed(list(enumerate(channels))):
             block_in = []
-            for _ in range(n + 1):
+            for _ in range(n if symmetric else n + 1):
                 block_in.append(ch + skips.pop())
                 ch = out_ch
             upsample = nn.Upsample(scale_factor=2.0, mode="nearest") if level > 0 else None
@@ -370,14 +375,16 @@ class PokeSpriteUNet(nn.Module):
 
         p = self.config.unet_patch_size
         h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
-        skips = [h]
+        symmetric = self.config.unet_symmetric
+        skips = [] if symmetric else [h]
         for level in self.down:
             for i in range(len(level.resnets)):
                 h = block(level, i, h)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
-                skips.append(h)
+                if not symmetric:
+                    skips.append(h)
 
         h = self.mid_resnet1(h, embedding)
         h, weights = self.mid_attention(h, tokens, mask, need_weights)
@@ -435,6 +442,8 @@ class PokeSpriteUNet(nn.Module):
 class PokeSpriteDiffusion(PokeSpriteUNet):
     """Diffusion: v-prediction (Salimans & Ho, 2022) on the cosine schedule, sampled with DDIM (Song et al., 2021)."""
 
+    objective = "v-prediction MSE"
+
     def draw_timesteps(self, batch_size, generator=None):
         return torch.randint(0, self.config.num_train_timesteps, (batch_size,), generator=generator)
 
@@ -481,8 +490,10 @@ class PokeSpriteFlow(PokeSpriteUNet):
     - t is drawn logit-normal (SD3's choice): most training goes to the middle noise levels, where the shape forms.
     """
 
+    objective = "rectified-flow velocity MSE"
+
     def draw_timesteps(self, batch_size, generator=None):
-        return torch.sigmoid(torch.randn(batch_size, generator=generator))
+        return torch.sigmoid(torch.randn(batch_size, generator=generator) + self.config.flow_logit_mean)
 
     def velocity(self, x, x0, t):
         # t below 0.05 would blow up the division; there the sprite is all but clean anyway
@@ -501,7 +512,8 @@ class PokeSpriteFlow(PokeSpriteUNet):
         )
 
     def sampling_times(self, steps, device):
-        return torch.linspace(1, 0, steps + 1, device=device)
+        t, shift = torch.linspace(1, 0, steps + 1, device=device), self.config.flow_shift
+        return shift * t / (1 + (shift - 1) * t)
 
     def predict(self, x, t, tokens, mask, guidance_scale, need_weights):
         return super().predict(x, t * self.config.num_train_timesteps, tokens, mask, guidance_scale, need_weights)

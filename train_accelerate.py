@@ -41,8 +41,8 @@ from transformers import AutoConfig, AutoTokenizer, get_scheduler
 from attention_maps import attention_figure, attention_for_prompt, sprite_grid
 from configuration_pokesprite import PokeSpriteConfig
 from data_pokesprite import augment, load_splits, split_to_tensors
-from modeling_pokesprite import PokeSpriteModel
-from settings_pokesprite import DEFAULT_CONFIG, PreflightError, error_summary, load_config, parse_args, use_channels_last  # noqa: F401
+from modeling_pokesprite import GENERATORS, PokeSpriteModel
+from settings_pokesprite import PreflightError, error_summary, load_config, parse_args, use_channels_last
 
 logger = get_logger(__name__)
 
@@ -556,7 +556,6 @@ Trained on a few hundred sprites: expect the training set's style, and near-copi
 training captions.{% if pokemon %} Pokémon and its artwork are © Nintendo / Creatures Inc. / GAME FREAK inc.; sprites made by a
 model trained on them are for personal and research use.{% endif %}
 """
-OBJECTIVES = {"decoder": "L1 + MSE + attention coverage", "diffusion": "v-prediction MSE", "flow": "rectified-flow velocity MSE"}
 
 
 def dataset_licence(dataset):
@@ -635,7 +634,7 @@ def save_model_card(output_dir, settings, metrics, dataset, text_encoder, prompt
         columns=", ".join(f'"{p}"' for p in prompts or []), repo=repo, text_encoder=encoder_name,
         text_encoder_note=local_note(text_encoder, encoder_name), frozen=model.freeze_text_encoder,
         dataset=dataset_name, dataset_note=local_note(dataset, dataset_name), step=metrics.get("step"), t=t,
-        rows=rows, objective=OBJECTIVES.get(generator_type, "the training loss"), licence_text=licence_text,
+        rows=rows, objective=GENERATORS[generator_type].objective, licence_text=licence_text,
         pokemon=licence.get("license_name") == POKEMON_LICENSE_NAME,
     )
     card.save(Path(output_dir) / "README.md")

@@ -25,21 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level mo
 from configuration_pokesprite import PokeSpriteConfig  # noqa: E402
 from modeling_pokesprite import PokeSpriteModel  # noqa: E402
 
-GENERATOR_TYPES = ("decoder", "diffusion")
+GENERATOR_TYPES = ("decoder", "diffusion", "flow")  # flow at PokeSpriteConfig's defaults costs what diffusion does
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device to generate on, e.g. cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="generate under bfloat16 autocast")
-    parser.add_argument("--generator_types", nargs="+", default=list(GENERATOR_TYPES), choices=GENERATOR_TYPES,
+    parser.add_argument("--generator_types", nargs="+", default=["decoder", "diffusion"], choices=GENERATOR_TYPES,
                         help="which generators to benchmark")
     parser.add_argument("--decoder_batch_sizes", type=int, nargs="+", default=[1, 64],
                         help="prompts per generate() call for the decoder")
     parser.add_argument("--diffusion_batch_sizes", type=int, nargs="+", default=[1, 16],
-                        help="prompts per generate() call for the diffusion UNet")
+                        help="prompts per generate() call for the UNet (diffusion and flow)")
     parser.add_argument("--num_inference_steps", type=int, default=None,
-                        help="DDIM steps of the diffusion generator (default: the config's)")
+                        help="sampling steps of the UNet (default: the config's)")
     parser.add_argument("--caption_tokens", type=int, default=32,
                         help="valid tokens per synthetic caption; the rest of max_text_length is padding")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch size; the median is reported")
@@ -155,10 +155,9 @@ def main():
         config = PokeSpriteConfig(generator_type=generator_type)
         model = PokeSpriteModel(config).to(device).eval()
         counts[generator_type] = parameter_counts(model)
-        steps = 1
-        if generator_type == "diffusion":
-            steps = args.num_inference_steps or config.num_inference_steps
-        batch_sizes = args.decoder_batch_sizes if generator_type == "decoder" else args.diffusion_batch_sizes
+        iterative = model.uses_guidance  # one UNet call per sampling step, and two branches per call
+        steps = (args.num_inference_steps or config.num_inference_steps) if iterative else 1
+        batch_sizes = args.diffusion_batch_sizes if iterative else args.decoder_batch_sizes
         for batch_size in batch_sizes:
             captions = torch.Generator().manual_seed(args.seed)
             input_ids, attention_mask = synthetic_captions(config, batch_size, args.caption_tokens, captions)
@@ -179,8 +178,9 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for generator_type, batch_size, steps, seconds, rate in speeds:
         print(f"| {generator_type} | {batch_size} | {steps} | {seconds:.3f} | {rate:.2f} |")
-    if "diffusion" in args.generator_types:
-        print("\nDiffusion steps run the UNet on the caption and the empty prompt together (classifier-free guidance).")
+    if any(steps > 1 for _, _, steps, _, _ in speeds):
+        print("\nEach step of an iterative generator runs the UNet on the caption and the empty prompt together "
+              "(classifier-free guidance).")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 
     python benchmarks/bench_generators.py --out benchmarks/results/generators_cpu.json
 
-For each config (default: config/train_config.yaml as the diffusion UNet, config/cpu.yaml as the flow
-generator, config/quickstart.yaml as the decoder) on the frozen all-MiniLM-L6-v2 tokens it measures, in this
-process and one after the other:
+For each generator (the diffusion UNet that was the default before the flow generator replaced it, config/cpu.yaml's
+flow generator, config/train_config.yaml's wider flow generator for a GPU, config/quickstart.yaml's decoder) on the
+frozen all-MiniLM-L6-v2 tokens it measures, in this process and one after the other:
 
 - a training step as train_accelerate.py takes it: the BERT features cached, the rest forward and backward at
   --batch_size, AdamW, channels-last on CPU; images/s over --steps timed steps after --warmup;
@@ -36,10 +36,16 @@ from modeling_pokesprite import PokeSpriteModel  # noqa: E402
 from settings_pokesprite import model_settings  # noqa: E402
 
 MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
-CONFIGS = {
-    "diffusion (train_config.yaml)": REPO_ROOT / "config" / "train_config.yaml",
-    "flow (cpu.yaml)": REPO_ROOT / "config" / "cpu.yaml",
-    "decoder (quickstart.yaml)": REPO_ROOT / "config" / "quickstart.yaml",
+# the default UNet until the flow generator won (issue 13's "today's default UNet"): pixel-space, diffusers' layout
+PREVIOUS_DEFAULT_UNET = dict(
+    generator_type="diffusion", unet_patch_size=1, unet_channels=[64, 128, 256, 256], unet_layers_per_block=1,
+    unet_symmetric=False, unet_attention_resolutions=[16, 8], num_inference_steps=25,
+)
+CONFIGS = {  # name: (YAML, what differs from it)
+    "diffusion (previous default UNet)": (REPO_ROOT / "config" / "train_config.yaml", PREVIOUS_DEFAULT_UNET),
+    "flow (cpu.yaml)": (REPO_ROOT / "config" / "cpu.yaml", {}),
+    "flow (train_config.yaml, GPU width)": (REPO_ROOT / "config" / "train_config.yaml", {}),
+    "decoder (quickstart.yaml)": (REPO_ROOT / "config" / "quickstart.yaml", {}),
 }
 CAPTION_TOKENS = 48  # the Pokémon captions fill max_text_length
 
@@ -47,6 +53,9 @@ CAPTION_TOKENS = 48  # the Pokémon captions fill max_text_length
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--variant", action="append", type=json.loads, default=[], metavar="JSON",
+                        help='a further row: config/cpu.yaml with these PokeSpriteConfig keywords, e.g. '
+                             '\'{"unet_symmetric": false}\' (repeatable; how RESULTS.md chose the design)')
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2)
@@ -55,10 +64,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build(path, tokenizer):
+def build(path, overrides, tokenizer):
     """The config's model with random weights (speed does not depend on them) on MiniLM's architecture."""
     torch.manual_seed(0)
-    model = PokeSpriteModel(PokeSpriteConfig(**{**model_settings(path), "text_config": dict(MINILM)}))
+    model = PokeSpriteModel(PokeSpriteConfig(**{**model_settings(path), **overrides, "text_config": dict(MINILM)}))
     model.tokenizer = tokenizer
     return model.to(memory_format=torch.channels_last).train()
 
@@ -139,8 +148,10 @@ def main(argv=None):
     results["conv_stack"] = conv
     print(f"plain conv stack: {conv['gflop_per_s']:.0f} GFLOP/s", flush=True)
     tokenizer = minilm_tokenizer()
-    for name in args.configs:
-        model = build(CONFIGS[name], tokenizer)
+    rows = {name: CONFIGS[name] for name in args.configs}
+    rows.update({f"flow (cpu.yaml + {json.dumps(v)})": (CONFIGS["flow (cpu.yaml)"][0], v) for v in args.variant})
+    for name, (path, overrides) in rows.items():
+        model = build(path, overrides, tokenizer)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = {"generator": name, "trained_params_m": trained / 1e6}
         row.update(time_training(model_step(model, args.batch_size), args.batch_size, args.steps, args.warmup))

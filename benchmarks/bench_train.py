@@ -306,7 +306,7 @@ def measure_generation(args, generator_type, device):
         rows.append({
             "generator_type": generator_type, "batch_size": batch, "seconds_per_call": seconds,
             "sprites_per_s": batch / seconds, "peak_memory_mib": peak_memory_mib(device), "memory_kind": memory_kind(device),
-            "num_inference_steps": config.num_inference_steps if generator_type == "diffusion" else 1,
+            "num_inference_steps": config.num_inference_steps if model.uses_guidance else 1,
             "precision": "bf16 autocast" if options.bf16 else "fp32",
         })
     return rows
@@ -413,7 +413,7 @@ def table(results, generation, info, source):
             if "error" in r:
                 lines.append(f"| {r['mode']} | | error: {r['error']} | |")
                 continue
-            name = r["generator_type"] + (f" ({r['num_inference_steps']} steps)" if r["generator_type"] == "diffusion" else "")
+            name = r["generator_type"] + (f" ({r['num_inference_steps']} steps)" if r["num_inference_steps"] > 1 else "")
             lines.append(f"| {name}, {r['precision']} | {r['batch_size']} | {r['sprites_per_s']:.2f} | {r['peak_memory_mib']:.0f} MiB |")
     return "\n".join(lines)
 

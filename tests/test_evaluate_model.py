@@ -65,8 +65,8 @@ def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_
     model.tokenizer.save_pretrained(tmp_path / "model")
     metrics, out = run(tmp_path, "--model", tmp_path / "model", "--dataset", synthetic_dataset_dir,
                        "--new_descriptions", evaluate_model.Path(__file__).parents[1] / "docs" / "new_descriptions.txt",
-                       "--num_inference_steps", "3")
-    assert metrics["generator_type"] == "flow" and metrics["num_inference_steps"] == 3
+                       "--num_inference_steps", "3", "--flow_shift", "3")
+    assert metrics["generator_type"] == "flow" and metrics["num_inference_steps"] == 3 and metrics["flow_shift"] == 3
     assert metrics["seconds_per_sprite"] > 0
     for key in ("diversity/diversity", "memorisation/nn_ratio", "colour/accuracy", "frechet/frechet_distance",
                 "frechet/kid", "reconstruction/l1"):
@@ -82,6 +82,13 @@ def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_
 def test_diffusers_option_names_and_the_earlier_ones_are_the_same_option(diffusers, earlier):
     common = ["--reference", "real", "--dataset", "d"]
     assert evaluate_model.parse_args(common + diffusers) == evaluate_model.parse_args(common + earlier)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "25", "nan"])
+def test_a_flow_shift_outside_the_configs_range_is_refused_by_name(value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate_model.parse_args(["--reference", "real", "--dataset", "d", "--flow_shift", value])
+    assert exit.value.code == 2 and "--flow_shift: must be from 0.1 to 20" in capsys.readouterr().err
 
 
 def test_new_descriptions_are_read_as_generate_reads_a_prompts_file(tmp_path):

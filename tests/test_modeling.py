@@ -42,8 +42,12 @@ PROMPTS = [
 # helpers
 
 
+# the flow generator in config/cpu.yaml's layout: 4x4 patches, the up path mirroring the down path
+FLOW_LAYOUT = dict(unet_patch_size=4, unet_symmetric=True)
+
+
 def tiny_config(generator_type, **overrides):
-    sizes = {**SMALL_GENERATOR, **overrides}
+    sizes = {**SMALL_GENERATOR, **(FLOW_LAYOUT if generator_type == "flow" else {}), **overrides}
     return PokeSpriteConfig(generator_type=generator_type, text_config=dict(TINY_BERT), **sizes)
 
 
@@ -322,6 +326,44 @@ def test_a_fresh_unet_predicts_zero_velocity():
     assert torch.all(model.unet.conv_out.weight == 0) and torch.all(model.unet.conv_out.bias == 0)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_symmetric_unet_mirrors_the_down_path_one_skip_per_block(tokenizer, layers):
+    diffusers_layout = PokeSpriteModel(tiny_config("flow", unet_symmetric=False, unet_layers_per_block=layers)).unet
+    symmetric = PokeSpriteModel(tiny_config("flow", unet_layers_per_block=layers)).unet
+    channels = SMALL_GENERATOR["unet_channels"]
+    assert [len(level.resnets) for level in symmetric.up] == [layers] * len(channels)
+    assert [len(level.resnets) for level in diffusers_layout.up] == [layers + 1] * len(channels)
+    # each up block's input is the block below it plus the skip of its twin on the way down
+    first_inputs = [level.resnets[0].conv1.in_channels for level in symmetric.up]
+    assert first_inputs == [2 * channels[-1], channels[-1] + channels[1], channels[1] + channels[0]]
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(symmetric) < count(diffusers_layout)
+    ids, mask = batch_of(tokenizer, PROMPTS)
+    with torch.no_grad():
+        tokens = PokeSpriteModel(tiny_config("flow")).text_encoder(ids, mask)
+        out, _ = symmetric(sprites(4), torch.full((4,), 500.0), tokens, mask.bool())
+    assert out.shape == (4, 4, 64, 64)
+
+
+def test_flow_shift_moves_the_euler_steps_towards_noise_and_changes_the_sprites(make_model):
+    plain, shifted = make_model("flow"), make_model("flow", flow_shift=3.0)
+    even, times = plain.unet.sampling_times(20, "cpu"), shifted.unet.sampling_times(20, "cpu")
+    torch.testing.assert_close(even, torch.linspace(1, 0, 21))
+    assert times[0] == 1 and times[-1] == 0 and torch.all(times[1:] < times[:-1])
+    assert (times > 0.525).sum() == 15 and (even > 0.525).sum() == 10  # of the 21 noise levels, 15 above t = 0.5, not 10
+    assert times[10] == pytest.approx(0.75)  # SD3's shift: 3 * 0.5 / (1 + 2 * 0.5)
+    same = dict(num_images_per_prompt=2, generator=seeded(3), num_inference_steps=4)
+    assert not torch.allclose(plain.generate(PROMPTS[:1], **same), shifted.generate(PROMPTS[:1], **same))
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.8])
+def test_flow_training_noise_levels_are_logit_normal_around_flow_logit_mean(make_model, mean):
+    t = make_model("flow", flow_logit_mean=mean).unet.draw_timesteps(20000, generator=seeded(0))
+    assert 0 < t.min() and t.max() < 1
+    logits = torch.logit(t.double())
+    assert logits.mean().item() == pytest.approx(mean, abs=0.03) and logits.std().item() == pytest.approx(1.0, abs=0.03)
+
+
 def test_post_init_initialises_the_generator_and_keeps_berts_own_init():
     model = PokeSpriteModel(tiny_config("decoder"))
     assert torch.all(model.decoder.fc.bias == 0)  # _init_weights: xavier weights, zero biases
@@ -387,7 +429,8 @@ def round_trip(tmp_path_factory):
     trips = {}
     for generator_type in GENERATOR_TYPES:
         torch.manual_seed(0)
-        model = PokeSpriteModel.from_text_encoder(MINILM, generator_type=generator_type, **SMALL_GENERATOR)
+        layout = FLOW_LAYOUT if generator_type == "flow" else {}
+        model = PokeSpriteModel.from_text_encoder(MINILM, generator_type=generator_type, **SMALL_GENERATOR, **layout)
         stand_in_for_training(model).eval()
         folder = root / generator_type
         model.save_pretrained(folder)

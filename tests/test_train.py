@@ -139,11 +139,13 @@ def decoder_run(colour_dataset_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flow_run(colour_dataset_dir, tmp_path_factory):
-    """The flow generator at a tiny width on 2x2 patches (16/8/4 px), 300 steps of 16 sprites."""
+    """The flow generator at a tiny width on 2x2 patches (16/8/4 px) in cpu.yaml's symmetric layout, 300 steps of 16
+    sprites."""
     output_dir = tmp_path_factory.mktemp("flow") / "run"
     config = output_dir.parent / "flow.yaml"
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["model"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_attention_resolutions=[8, 4], num_inference_steps=8)
+    cfg["model"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_symmetric=True, unet_attention_resolutions=[8, 4],
+                        num_inference_steps=8)
     config.write_text(yaml.safe_dump(cfg))
     train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", "flow", "--max_train_steps", 300,
           "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",

