@@ -42,23 +42,14 @@ import evaluate
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from configuration_pokesprite import FLOAT_RANGES, PokeSpriteConfig
+from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
 from data_pokesprite import load_splits, split_to_tensors
-from generate import GenerateError, check_output_folder, read_prompts_file
+from generate import GenerateError, check_output_folder, flow_shift_float, read_prompts_file, sampling_options
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 REFERENCES = ("real", "retrieval", "mean")
-
-
-def flow_shift(text):
-    """--flow_shift: a number in PokeSpriteConfig's range for flow_shift."""
-    low, high = FLOAT_RANGES["flow_shift"]
-    value = float(text)
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
-    return value
 
 
 def parse_args(argv=None):
@@ -80,7 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--eta", type=float, default=None, help="DDIM only; 0 = deterministic")
-    parser.add_argument("--flow_shift", type=flow_shift, default=None,
+    parser.add_argument("--flow_shift", type=flow_shift_float, default=None,
                         help="flow models (the others ignore it): shift the Euler steps towards high noise "
                              "(PokeSpriteConfig.flow_shift); default: the model's")
     parser.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state_dict for real FID")
@@ -183,14 +174,12 @@ def main(argv=None):
     if args.model:
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision).to(args.device).eval()
         if model.uses_guidance:
-            sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps, "eta": args.eta}
+            sampling = sampling_options(model, guidance_scale=args.guidance_scale,
+                                        num_inference_steps=args.num_inference_steps, eta=args.eta,
+                                        flow_shift=args.flow_shift)
         tokenizer, config = model.tokenizer, model.config
         sprites_for = lambda prompts, seeds, val, train: generate_per_seed(model, prompts, seeds, args.batch_size, **sampling)
         about = {"model": args.model, "generator_type": model.config.generator_type}
-        if args.flow_shift is not None:  # the flow sampler reads it from the config, as a scheduler reads its own
-            if not hasattr(model.config, "flow_shift"):
-                raise GenerateError(f"--flow_shift: the code saved with {args.model} predates flow_shift and would ignore it")
-            model.config.flow_shift = about["flow_shift"] = args.flow_shift
     else:
         train_texts = list(splits["train"]["text"])
         sprites_for = lambda prompts, seeds, val, train: reference_per_seed(
@@ -201,7 +190,7 @@ def main(argv=None):
 
     metrics, per_seed = compute_metrics(splits, sprites_for, tokenizer, config, args.num_prompts, args.seeds, args.inception_weights)
     metrics.update(about)
-    metrics.update({k: v for k, v in sampling.items() if v is not None})
+    metrics.update(sampling)
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
     if descriptions:
         new = generate_per_seed(model, descriptions, 2, args.batch_size, **sampling)

@@ -35,6 +35,7 @@ from torchvision.transforms.functional import to_pil_image
 from transformers import AutoModel, AutoTokenizer
 
 from attention_maps import save_attention_maps, sprite_grid
+from configuration_pokesprite import FLOAT_RANGES
 
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
@@ -71,6 +72,9 @@ def parse_args(argv=None):
                         help="flow and diffusion models: classifier-free guidance (default: the model's)")
     parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
                         help="flow and diffusion models: sampling steps (default: the model's)")
+    parser.add_argument("--flow_shift", type=flow_shift_float,
+                        help="flow models: > 1 spends more of the sampling steps at high noise (SD3's time shift; "
+                             "default: the model's); diffusion models ignore it")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                         help="no progress bar over the sampling steps (for logs)")
@@ -103,6 +107,15 @@ def batch_size_int(text):
     value = positive_int(text)
     if value > MAX_BATCH_SIZE:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_SIZE}, got {value}")
+    return value
+
+
+def flow_shift_float(text):
+    """--flow_shift: a number in PokeSpriteConfig's range for flow_shift, checked before the model loads."""
+    low, high = FLOAT_RANGES["flow_shift"]
+    value = float(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
     return value
 
 
@@ -287,6 +300,18 @@ def uses_guidance(model):
     return getattr(model, "uses_guidance", model.config.generator_type != "decoder")
 
 
+def sampling_options(model, **options):
+    """The sampling keywords for `model.generate` that were given (not None); a GenerateError when one is newer than
+    the code saved with the model (a model runs its own modeling file), instead of a TypeError midway."""
+    given = {name: value for name, value in options.items() if value is not None}
+    known = inspect.signature(model.generate).parameters
+    for name in given:
+        if name not in known:
+            raise GenerateError(f"--{name}: the code saved with the model {model.name_or_path} predates it; "
+                                f"save the model again with this version to use it")
+    return given
+
+
 def progress_option(method, progress_bar):
     """{"progress_bar": progress_bar} when the model's `method` (generate, or the model itself) takes it, else {}:
     a model runs the code saved with it, which may predate the progress bar."""
@@ -359,11 +384,12 @@ def main(argv=None):
     # the sprites and the attention figure are sampled the same way; None: the model's config says
     sampling = {}
     if uses_guidance(model):
-        sampling = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps}
-    elif args.guidance_scale is not None or args.num_inference_steps is not None:
-        print(f"warning: {flag(args, 'guidance_scale')} and {flag(args, 'num_inference_steps')} apply to models that "
-              f"sample in steps with guidance (flow, diffusion); this {model.config.generator_type} model makes a sprite in "
-              f"one pass, so they are ignored", file=sys.stderr)
+        sampling = sampling_options(model, guidance_scale=args.guidance_scale,
+                                    num_inference_steps=args.num_inference_steps, flow_shift=args.flow_shift)
+    elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.flow_shift)):
+        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')} and --flow_shift apply to "
+              f"models that sample in steps with guidance (flow, diffusion); this {model.config.generator_type} model "
+              f"makes a sprite in one pass, so they are ignored", file=sys.stderr)
     options = progress_option(model.generate, args.progress)
     num = args.num_images_per_prompt
 

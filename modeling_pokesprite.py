@@ -422,12 +422,12 @@ class PokeSpriteUNet(nn.Module):
             out = null + guidance_scale * (text - null)
         return out, [a[:b].float() for a in attentions]
 
-    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, generator=None,
+    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, flow_shift=1.0, generator=None,
                output_attentions=False, progress_bar=False):
-        """From pure noise to a sprite in `num_inference_steps` calls of the UNet, each followed by the subclass's
-        `step`. Cross-attention weights are averaged over the steps."""
+        """From pure noise to a sprite in `num_inference_steps` calls of the UNet at the subclass's
+        `sampling_times`, each followed by its `step`. Cross-attention weights are averaged over the steps."""
         x = noise.float()
-        times = self.sampling_times(num_inference_steps, x.device)
+        times = self.sampling_times(num_inference_steps, x.device, flow_shift)
         attention_sums = None
         for i in tqdm(range(num_inference_steps), desc="sampling", leave=False, disable=not progress_bar):
             out, attentions = self.predict(x, times[i], tokens, mask, guidance_scale, output_attentions)
@@ -459,7 +459,8 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
             attentions=tuple(attentions) if output_attentions else None,
         )
 
-    def sampling_times(self, steps, device):
+    def sampling_times(self, steps, device, flow_shift):
+        # flow_shift: flow only; DDIM's steps are evenly spaced
         return torch.linspace(self.config.num_train_timesteps - 1, 0, steps + 1, device=device).round().long()
 
     def step(self, x, v, t, t_next, last, eta, generator):
@@ -511,9 +512,10 @@ class PokeSpriteFlow(PokeSpriteUNet):
             attentions=tuple(attentions) if output_attentions else None,
         )
 
-    def sampling_times(self, steps, device):
-        t, shift = torch.linspace(1, 0, steps + 1, device=device), self.config.flow_shift
-        return shift * t / (1 + (shift - 1) * t)
+    def sampling_times(self, steps, device, flow_shift):
+        # SD3's time shift: flow_shift > 1 spends more of the steps at high noise, where the layout is decided
+        t = torch.linspace(1, 0, steps + 1, device=device)
+        return flow_shift * t / (1 + (flow_shift - 1) * t)
 
     def predict(self, x, t, tokens, mask, guidance_scale, need_weights):
         return super().predict(x, t * self.config.num_train_timesteps, tokens, mask, guidance_scale, need_weights)
@@ -668,6 +670,7 @@ class PokeSpriteModel(PreTrainedModel):
         guidance_scale=None,
         num_inference_steps=None,
         eta=None,
+        flow_shift=None,
         progress_bar=False,
         return_dict=True,
     ):
@@ -685,8 +688,8 @@ class PokeSpriteModel(PreTrainedModel):
         bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
             output for `input_ids`, computed once in advance. A frozen BERT gives the same features every epoch, so
             the trainer caches them instead of running BERT at every step.
-        guidance_scale, num_inference_steps, eta, progress_bar (iterative sampling only): as in `generate`; the
-            config's by default, and no progress bar.
+        guidance_scale, num_inference_steps, eta, flow_shift, progress_bar (iterative sampling only): as in
+            `generate`; the config's by default, and no progress bar.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -697,7 +700,7 @@ class PokeSpriteModel(PreTrainedModel):
             noise = torch.randn(self.generator.noise_shape(b), device=tokens.device)
         if pixel_values is None:
             output = self._sample(tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta,
-                                  output_attentions, progress_bar)
+                                  flow_shift, output_attentions, progress_bar)
         else:
             if timesteps is None:
                 timesteps = self.generator.draw_timesteps(b)
@@ -718,8 +721,8 @@ class PokeSpriteModel(PreTrainedModel):
         null_mask[:, 0] = True
         return null_tokens, null_mask
 
-    def _sample(self, tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, output_attentions,
-                progress_bar):
+    def _sample(self, tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, flow_shift,
+                output_attentions, progress_bar):
         if not self.uses_guidance:
             return self.generator.sample(tokens, mask, noise, output_attentions=output_attentions)
         c = self.config
@@ -730,7 +733,8 @@ class PokeSpriteModel(PreTrainedModel):
         return self.generator.sample(
             tokens, mask, noise, guidance_scale=guidance_scale,
             num_inference_steps=c.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            eta=c.eta if eta is None else eta, generator=generator, output_attentions=output_attentions,
+            eta=c.eta if eta is None else eta, flow_shift=c.flow_shift if flow_shift is None else flow_shift,
+            generator=generator, output_attentions=output_attentions,
             progress_bar=progress_bar,
         )
 
@@ -781,6 +785,7 @@ class PokeSpriteModel(PreTrainedModel):
         guidance_scale=None,
         num_inference_steps=None,
         eta=None,
+        flow_shift=None,
         output_type="pt",
         progress_bar=True,
     ):
@@ -788,9 +793,9 @@ class PokeSpriteModel(PreTrainedModel):
 
         Returns a `(batch * num_images_per_prompt, num_channels, image_size, image_size)` tensor in [0, 1], or a list
         of PIL images (RGBA when the model has alpha) with `output_type="pil"`. Sprites of one prompt are adjacent.
-        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps` and `eta` (DDIM
-        only) apply to the iterative generators (`uses_guidance`) and default to the config's; `progress_bar` shows
-        a tqdm bar over their sampling steps.
+        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps`, `eta` (DDIM
+        only) and `flow_shift` (flow only) apply to the iterative generators (`uses_guidance`) and default to the
+        config's; `progress_bar` shows a tqdm bar over their sampling steps.
         """
         if prompts is not None:
             input_ids, attention_mask = self.tokenize(prompts)
@@ -803,7 +808,8 @@ class PokeSpriteModel(PreTrainedModel):
         self.eval()  # dropout in the token transformer would make a seed give different sprites
         try:
             images = self(input_ids, attention_mask, noise=noise, generator=generator, guidance_scale=guidance_scale,
-                          num_inference_steps=num_inference_steps, eta=eta, progress_bar=progress_bar).images
+                          num_inference_steps=num_inference_steps, eta=eta, flow_shift=flow_shift,
+                          progress_bar=progress_bar).images
         finally:
             self.train(was_training)
         images = ((images.float() + 1) / 2).clamp(0, 1)

@@ -31,12 +31,12 @@ PROMPT = "a small blue water turtle"
 def save_tiny_model(folder, generator_type="decoder", **overrides):
     """An untrained tiny PokeSprite model saved to `folder` with its tokenizer, as train_accelerate.py saves one.
 
-    A fresh UNet predicts v = 0 everywhere (zero output layer), which would make diffusion sprites ignore the
-    text, the steps and the guidance scale; a random output layer stands in for a trained one.
+    A fresh UNet predicts 0 everywhere (zero output layer), which would make diffusion and flow sprites ignore the
+    text and the sampler's settings; a random output layer stands in for a trained one.
     """
     torch.manual_seed(0)
     model = PokeSpriteModel.from_text_encoder(MINILM, generator_type=generator_type, **{**TINY, **overrides})
-    if generator_type == "diffusion":
+    if model.uses_guidance:
         with torch.no_grad():
             model.unet.conv_out.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(123))
     model.save_pretrained(folder)
@@ -130,6 +130,32 @@ def test_diffusion_sprites_use_the_given_steps_and_guidance_scale(diffusion, tmp
     written = pixels(out / "a-small-blue-water-turtle-00.png")[1]
     assert np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0, num_inference_steps=2, guidance_scale=1.5)[0])
     assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the defaults: 3 steps, guidance 3
+
+
+def test_flow_shift_reaches_the_flow_sampler(tmp_path):
+    folder = tmp_path / "flow"
+    model = save_tiny_model(folder, "flow")
+    generate.main([PROMPT, "--model", str(folder), "--num", "1", "--flow_shift", "3", "--out", str(tmp_path / "sprites")])
+
+    written = pixels(tmp_path / "sprites" / "a-small-blue-water-turtle-00.png")[1]
+    assert np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0, flow_shift=3.0)[0])
+    assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the config's: flow_shift 1
+
+
+@pytest.mark.parametrize("value", ["0", "25", "nan"])
+def test_a_flow_shift_outside_the_configs_range_is_refused_before_the_model_loads(value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        generate.parse_args([PROMPT, "--flow_shift", value])
+    assert exit.value.code == 2 and "--flow_shift: must be from 0.1 to 20" in capsys.readouterr().err
+
+
+def test_a_sampling_option_newer_than_the_models_saved_code_is_an_error_naming_it():
+    from types import SimpleNamespace
+
+    old = SimpleNamespace(name_or_path="me/old", generate=lambda prompts, guidance_scale=None, eta=None: None)
+    assert generate.sampling_options(old, guidance_scale=2.0, eta=None, flow_shift=None) == {"guidance_scale": 2.0}
+    with pytest.raises(GenerateError, match="^--flow_shift: the code saved with the model me/old predates it"):
+        generate.sampling_options(old, guidance_scale=2.0, flow_shift=3.0)
 
 
 # one vocabulary: the diffusers scripts' option names, and the earlier ones as aliases

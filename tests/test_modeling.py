@@ -346,14 +346,19 @@ def test_a_symmetric_unet_mirrors_the_down_path_one_skip_per_block(tokenizer, la
 
 
 def test_flow_shift_moves_the_euler_steps_towards_noise_and_changes_the_sprites(make_model):
-    plain, shifted = make_model("flow"), make_model("flow", flow_shift=3.0)
-    even, times = plain.unet.sampling_times(20, "cpu"), shifted.unet.sampling_times(20, "cpu")
+    model = make_model("flow")
+    even, times = model.unet.sampling_times(20, "cpu", 1.0), model.unet.sampling_times(20, "cpu", 3.0)
     torch.testing.assert_close(even, torch.linspace(1, 0, 21))
     assert times[0] == 1 and times[-1] == 0 and torch.all(times[1:] < times[:-1])
     assert (times > 0.525).sum() == 15 and (even > 0.525).sum() == 10  # of the 21 noise levels, 15 above t = 0.5, not 10
     assert times[10] == pytest.approx(0.75)  # SD3's shift: 3 * 0.5 / (1 + 2 * 0.5)
-    same = dict(num_images_per_prompt=2, generator=seeded(3), num_inference_steps=4)
-    assert not torch.allclose(plain.generate(PROMPTS[:1], **same), shifted.generate(PROMPTS[:1], **same))
+    sprites = lambda **shift: model.generate(PROMPTS[:1], num_images_per_prompt=2, generator=seeded(3),
+                                             num_inference_steps=4, **shift)
+    plain, shifted = sprites(), sprites(flow_shift=3.0)
+    assert not torch.allclose(plain, shifted)
+    model.config.flow_shift = 3.0  # the config's value is generate's default
+    torch.testing.assert_close(sprites(), shifted)
+    torch.testing.assert_close(sprites(flow_shift=1.0), plain)
 
 
 @pytest.mark.parametrize("mean", [0.0, 0.8])
