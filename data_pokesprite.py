@@ -50,6 +50,13 @@ def load_splits(name):
     return splits
 
 
+def on_white(array):
+    """An (H, W, 4) uint8 RGBA sprite as (H, W, 3) uint8 RGB composited onto white, as the sprites are shown: what a
+    3-channel model trains on."""
+    alpha = array[..., 3:4].astype(np.float32) / 255
+    return (array[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
+
+
 def split_to_tensors(split, tokenizer, config):
     """Decode every sprite and tokenise every caption once: (N, C, H, W) uint8 pixels and padded token ids.
 
@@ -63,10 +70,7 @@ def split_to_tensors(split, tokenizer, config):
     pixels = []
     for image in split["image"]:
         array = np.asarray(fit_sprite(image.convert("RGBA"), size))
-        if config.num_channels == 3:  # composite onto white, as the sprites are shown
-            alpha = array[..., 3:4].astype(np.float32) / 255
-            array = (array[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
-        pixels.append(array)
+        pixels.append(on_white(array) if config.num_channels == 3 else array)
     pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
     text = tokenizer(list(split["text"]), padding="longest", truncation=True, max_length=config.max_text_length, return_tensors="pt")
     return {"pixels": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}

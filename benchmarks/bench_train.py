@@ -136,6 +136,8 @@ class PngSprites(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
+        from data_pokesprite import on_white
+
         size = self.config.image_size
         with Image.open(self.paths[i]) as image:
             image = image.convert("RGBA")
@@ -144,8 +146,7 @@ class PngSprites(torch.utils.data.Dataset):
         x = np.asarray(image)
         fill = 0
         if self.config.num_channels == 3:
-            alpha = x[..., 3:4].astype(np.float32) / 255
-            x, fill = (x[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8), 255
+            x, fill = on_white(x), 255
         if self.hflip and np.random.rand() < 0.5:
             x = x[:, ::-1]
         s = self.max_shift

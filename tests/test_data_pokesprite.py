@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pokesprite import augment, split_to_tensors
+from data_pokesprite import augment, on_white, split_to_tensors
 from prepare_dataset import load_sprite
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,21 @@ def test_split_to_tensors_fits_a_sprite_of_another_size_as_prepare_dataset_does(
     assert pixels.shape == (32, 32, 4)
     np.testing.assert_array_equal(pixels, stored)
     assert pixels[0, 16, 3] == 0 and pixels[16, 16, 3] == 255  # transparent bands above and below: padded
+
+
+def test_a_three_channel_model_sees_its_sprites_composited_onto_white():
+    sprite = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # transparent: white
+    sprite.paste((200, 0, 0, 255), (0, 0, 16, 32))  # opaque red: unchanged
+    sprite.paste((0, 0, 200, 128), (16, 0, 32, 16))  # half-transparent blue: halfway to white
+    expected = on_white(np.asarray(sprite))
+    assert expected.shape == (32, 32, 3) and expected.dtype == np.uint8
+    np.testing.assert_array_equal(expected[0, 0], [200, 0, 0])
+    np.testing.assert_array_equal(expected[0, 20], [127, 127, 227])  # 0.502 * (0, 0, 200) + 0.498 * 255
+    np.testing.assert_array_equal(expected[20, 20], [255, 255, 255])
+
+    config = SimpleNamespace(image_size=32, num_channels=3, max_text_length=8)
+    tensors = split_to_tensors({"image": [sprite], "text": ["a red and blue sprite"]}, Tokenizer(), config)
+    np.testing.assert_array_equal(tensors["pixels"][0].permute(1, 2, 0).numpy(), expected)
 
 
 def test_augment_keeps_uint8_sprites_in_range_and_only_moves_them():
