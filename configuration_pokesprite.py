@@ -36,7 +36,7 @@ class PokeSpriteConfig(PretrainedConfig):
     r"""
     Configuration of a [`PokeSpriteModel`].
 
-    Text encoder (shared by both generator types):
+    Text encoder (shared by all generator types):
         text_config (`dict` or `BertConfig`): architecture of the BERT text encoder; bert-mini's by default.
         model_name (`str`): the pretrained BERT the model was created from (provenance; never downloaded on load).
         hidden_size (`int`, 256): width of the token transformer and of the keys/values of every cross-attention.

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_pokesprite import PokeSpriteConfig
+    from .configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfig
 except ImportError:  # imported from a checkout, where the two files are top-level modules rather than a package
-    from configuration_pokesprite import PokeSpriteConfig
+    from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfig
 
 
 # helpers
@@ -726,17 +726,20 @@ class PokeSpriteModel(PreTrainedModel):
         if not self.uses_guidance:
             return self.generator.sample(tokens, mask, noise, output_attentions=output_attentions)
         c = self.config
-        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
-        if guidance_scale != 1.0:  # the captions, then the empty prompt: the generator runs both branches at once
+        options = {"guidance_scale": c.guidance_scale if guidance_scale is None else guidance_scale,
+                   "eta": c.eta if eta is None else eta, "flow_shift": c.flow_shift if flow_shift is None else flow_shift}
+        for name, value in options.items():  # the config checks its own; a keyword out of range would give NaN sprites
+            low, high = FLOAT_RANGES[name]
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be from {low} to {high}, got {value}")
+        steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
+        if steps < INT_MINIMUMS["num_inference_steps"]:
+            raise ValueError(f"num_inference_steps must be at least {INT_MINIMUMS['num_inference_steps']}, got {steps}")
+        if options["guidance_scale"] != 1.0:  # the captions, then the empty prompt: the generator runs both branches at once
             null_tokens, null_mask = self._null_text(tokens, mask)
             tokens, mask = torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask])
-        return self.generator.sample(
-            tokens, mask, noise, guidance_scale=guidance_scale,
-            num_inference_steps=c.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            eta=c.eta if eta is None else eta, flow_shift=c.flow_shift if flow_shift is None else flow_shift,
-            generator=generator, output_attentions=output_attentions,
-            progress_bar=progress_bar,
-        )
+        return self.generator.sample(tokens, mask, noise, **options, num_inference_steps=steps, generator=generator,
+                                     output_attentions=output_attentions, progress_bar=progress_bar)
 
     # generation
 

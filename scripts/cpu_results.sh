@@ -21,7 +21,10 @@ if [ "${TRAIN:-0}" = 1 ]; then
   accelerate launch --num_processes 1 --cpu train_accelerate.py --config config/cpu.yaml --text_encoder "$MINILM" \
     --output_dir "$RUN" "${resume[@]}"
 fi
-export_step() { [ -d "$RUN-step$1" ] || python scripts/export_checkpoint.py "$RUN/checkpoint-$1" "$RUN-step$1"; }
+export_step() {  # again when the folder holds older modeling code than the repo's (its sampler's options)
+  [ -d "$RUN-step$1" ] && cmp -s modeling_pokesprite.py "$RUN-step$1/modeling_pokesprite.py" ||
+    python scripts/export_checkpoint.py "$RUN/checkpoint-$1" "$RUN-step$1"
+}
 
 if [ "${SWEEP:-0}" = 1 ]; then
   last=${STEPS##* }

@@ -56,7 +56,7 @@ train decoder "$DECODER_STEPS" "$DECODER_BATCH" "$DECODER_BUDGET" --generator_ty
 # the pixel-space UNet that was the default before the flow generator
 train diffusion "$DIFFUSION_STEPS" "$DIFFUSION_BATCH" "$DIFFUSION_BUDGET" --generator_type diffusion --ema_decay 0.995 --learning_rate 3e-4 \
   --unet_patch_size 1 --unet_channels 64 128 256 256 --unet_layers_per_block 1 --unet_symmetric false \
-  --unet_attention_resolutions 16 8 --num_inference_steps 25 2>&1 | tee -a "$OUT/log.txt"
+  --unet_attention_resolutions 16 8 --num_inference_steps 25 --guidance_scale 3 2>&1 | tee -a "$OUT/log.txt"
 train flow "$FLOW_STEPS" "$FLOW_BATCH" "$FLOW_BUDGET" 2>&1 | tee -a "$OUT/log.txt"
 # the CPU preset's flow generator, at a GPU's batch size (the later --config wins)
 train flow-cpu "$FLOW_STEPS" "$FLOW_BATCH" "$FLOW_BUDGET" --config config/cpu.yaml 2>&1 | tee -a "$OUT/log.txt"

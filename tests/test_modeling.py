@@ -361,6 +361,13 @@ def test_flow_shift_moves_the_euler_steps_towards_noise_and_changes_the_sprites(
     torch.testing.assert_close(sprites(flow_shift=1.0), plain)
 
 
+@pytest.mark.parametrize("keyword, value", [("flow_shift", 0.0), ("flow_shift", float("nan")), ("eta", 1.5),
+                                            ("guidance_scale", -1.0), ("num_inference_steps", 0)])
+def test_a_sampling_keyword_out_of_the_configs_range_is_an_error_naming_it(make_model, keyword, value):
+    with pytest.raises(ValueError, match=f"^{keyword} must be (from|at least) "):
+        make_model("flow").generate(PROMPTS[:1], **{"num_inference_steps": 2, keyword: value})
+
+
 @pytest.mark.parametrize("mean", [0.0, 0.8])
 def test_flow_training_noise_levels_are_logit_normal_around_flow_logit_mean(make_model, mean):
     t = make_model("flow", flow_logit_mean=mean).unet.draw_timesteps(20000, generator=seeded(0))

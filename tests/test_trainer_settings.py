@@ -191,9 +191,11 @@ def test_the_shipped_configs_pass():
 def test_the_earlier_pixel_space_unet_is_a_few_flags_over_the_default_config():
     """The README's flags for the UNet that was the default before the flow generator."""
     flags = ["--generator_type", "diffusion", "--unet_patch_size", "1", "--unet_channels", "64", "128", "256", "256",
-             "--unet_layers_per_block", "1", "--unet_symmetric", "false", "--unet_attention_resolutions", "16", "8"]
+             "--unet_layers_per_block", "1", "--unet_symmetric", "false", "--unet_attention_resolutions", "16", "8",
+             "--num_inference_steps", "25", "--guidance_scale", "3"]
     model = train_accelerate.load_config(train_accelerate.parse_args(flags)).model
     assert (model.generator_type, model.unet_patch_size, model.unet_channels, model.unet_layers_per_block,
             model.unet_symmetric, model.unet_attention_resolutions) == ("diffusion", 1, [64, 128, 256, 256], 1, False, [16, 8])
+    assert (model.num_inference_steps, model.guidance_scale) == (25, 3.0)
     default = train_accelerate.load_config(train_accelerate.parse_args([])).model
     assert (default.generator_type, default.unet_patch_size, default.unet_symmetric) == ("flow", 4, True)
