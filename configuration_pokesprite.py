@@ -78,7 +78,7 @@ class PokeSpriteConfig(PretrainedConfig):
         text_dropout (`float`, 0.1): fraction of training captions replaced by the empty prompt, which is what
             makes classifier-free guidance possible.
         guidance_scale (`float`, 3.0), num_inference_steps (`int`, 25), eta (`float`, 0.0): sampling defaults;
-            eta (DDIM only) 0 is deterministic, 1 adds DDPM-like noise at each step.
+            eta (diffusion and flow) 0 is deterministic, 1 adds DDPM-like noise at each step.
         flow_logit_mean (`float`, 0.0): flow only: training draws t = sigmoid(n), n ~ Normal(flow_logit_mean, 1)
             (SD3's logit-normal); a positive mean trains more at high noise (Li & He, 2025, shift the same way).
         flow_shift (`float`, 1.0): flow only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),

@@ -72,6 +72,9 @@ def parse_args(argv=None):
                         help="flow and diffusion models: classifier-free guidance (default: the model's)")
     parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
                         help="flow and diffusion models: sampling steps (default: the model's)")
+    parser.add_argument("--eta", type=eta_float,
+                        help="flow and diffusion models: 0 = deterministic steps, up to 1 = fresh noise at each step "
+                             "(smoother sprites; default: the model's)")
     parser.add_argument("--flow_shift", type=flow_shift_float,
                         help="flow models: > 1 spends more of the sampling steps at high noise (SD3's time shift; "
                              "default: the model's); diffusion models ignore it")
@@ -107,6 +110,15 @@ def batch_size_int(text):
     value = positive_int(text)
     if value > MAX_BATCH_SIZE:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_SIZE}, got {value}")
+    return value
+
+
+def eta_float(text):
+    """--eta: a number in PokeSpriteConfig's range for eta, checked before the model loads."""
+    low, high = FLOAT_RANGES["eta"]
+    value = float(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
     return value
 
 
@@ -307,8 +319,9 @@ def sampling_options(model, **options):
     known = inspect.signature(model.generate).parameters
     for name in given:
         if name not in known:
-            raise GenerateError(f"--{name}: the code saved with the model {model.name_or_path} predates it; "
-                                f"save the model again with this version to use it")
+            raise GenerateError(f"--{name}: the code saved with the model {model.name_or_path} predates it; save the "
+                                f"model again with this checkout's code to use it: python -c \"from modeling_pokesprite "
+                                f"import PokeSpriteModel as M; M.from_pretrained('PATH').save_pretrained('PATH')\"")
     return given
 
 
@@ -385,9 +398,9 @@ def main(argv=None):
     sampling = {}
     if uses_guidance(model):
         sampling = sampling_options(model, guidance_scale=args.guidance_scale,
-                                    num_inference_steps=args.num_inference_steps, flow_shift=args.flow_shift)
-    elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.flow_shift)):
-        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')} and --flow_shift apply to "
+                                    num_inference_steps=args.num_inference_steps, eta=args.eta, flow_shift=args.flow_shift)
+    elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.eta, args.flow_shift)):
+        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')}, --eta and --flow_shift apply to "
               f"models that sample in steps with guidance (flow, diffusion); this {model.config.generator_type} model "
               f"makes a sprite in one pass, so they are ignored", file=sys.stderr)
     options = progress_option(model.generate, args.progress)

@@ -244,6 +244,13 @@ class PokeSpriteDecoder(nn.Module):
 # the UNet, shared by the two iterative generators
 
 
+def fresh_noise(x, generator):
+    """Noise shaped like `x` for a stochastic sampling step, drawn on the generator's device (as `make_noise`
+    draws the starting noise) so that a seed gives the same sprites on any device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x.device)
+
+
 def timestep_embedding(timesteps, dim):
     """Sinusoidal features of the noise level (on the 0..num_train_timesteps scale), as in the transformer's
     position encoding."""
@@ -476,8 +483,7 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
         noise_scale = eta * (sigma_next / sigma) * (1 - (alpha / alpha_next) ** 2).clamp(min=0).sqrt()
         x = alpha_next * x0 + (sigma_next**2 - noise_scale**2).clamp(min=0).sqrt() * eps
         if eta > 0:
-            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-            x = x + noise_scale * z.to(x.device)
+            x = x + noise_scale * fresh_noise(x, generator)
         return x
 
 
@@ -521,8 +527,14 @@ class PokeSpriteFlow(PokeSpriteUNet):
         return super().predict(x, t * self.config.num_train_timesteps, tokens, mask, guidance_scale, need_weights)
 
     def step(self, x, x0, t, t_next, last, eta, generator):
-        # Euler along the velocity; at t_next = 0 this lands exactly on x0. eta: DDIM only
-        return x + (t_next - t) * self.velocity(x, x0.clamp(-1, 1), t.expand(x.shape[0]))
+        x0 = x0.clamp(-1, 1)
+        if eta == 0:  # Euler along the velocity; at t_next = 0 this lands exactly on x0
+            return x + (t_next - t) * self.velocity(x, x0, t.expand(x.shape[0]))
+        # DDIM's eta on the straight path: the Euler step is x_next = (1 - t_next) x0 + t_next noise_hat, and eta
+        # swaps that share of noise_hat for fresh noise (1: all of it), which pulls a drifting trajectory back
+        # towards what the network was trained on (RESULTS.md: smoother, more compact sprites)
+        noise = (x - (1 - t) * x0) / t
+        return (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * noise + eta * fresh_noise(x, generator))
 
 
 # the one place a generator type becomes a class
@@ -684,7 +696,7 @@ class PokeSpriteModel(PreTrainedModel):
         timesteps (`torch.Tensor` of shape `(batch,)`, diffusion and flow only): the noise level of each training
             sample (integers for diffusion, t in (0, 1) for flow); drawn at random when not given (fix it, with
             `noise`, for a deterministic validation loss: `model.generator.draw_timesteps`).
-        generator (`torch.Generator`, diffusion sampling only): the randomness of the DDIM steps when `eta > 0`.
+        generator (`torch.Generator`, iterative sampling only): the randomness of the steps when `eta > 0`.
         bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
             output for `input_ids`, computed once in advance. A frozen BERT gives the same features every epoch, so
             the trainer caches them instead of running BERT at every step.

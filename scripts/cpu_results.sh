@@ -21,9 +21,12 @@ if [ "${TRAIN:-0}" = 1 ]; then
   accelerate launch --num_processes 1 --cpu train_accelerate.py --config config/cpu.yaml --text_encoder "$MINILM" \
     --output_dir "$RUN" "${resume[@]}"
 fi
-export_step() {  # again when the folder holds older modeling code than the repo's (its sampler's options)
-  [ -d "$RUN-step$1" ] && cmp -s modeling_pokesprite.py "$RUN-step$1/modeling_pokesprite.py" ||
-    python scripts/export_checkpoint.py "$RUN/checkpoint-$1" "$RUN-step$1"
+resave() {  # a model folder saved again with this checkout's modeling code (the sampler's newer options)
+  python -c "from modeling_pokesprite import PokeSpriteModel as M; M.from_pretrained('$1').save_pretrained('$1')"
+}
+export_step() {
+  if [ ! -d "$RUN-step$1" ]; then python scripts/export_checkpoint.py "$RUN/checkpoint-$1" "$RUN-step$1"
+  elif ! cmp -s modeling_pokesprite.py "$RUN-step$1/modeling_pokesprite.py"; then resave "$RUN-step$1"; fi
 }
 
 if [ "${SWEEP:-0}" = 1 ]; then

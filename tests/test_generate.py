@@ -141,12 +141,18 @@ def test_flow_shift_reaches_the_flow_sampler(tmp_path):
     assert np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0, flow_shift=3.0)[0])
     assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the config's: flow_shift 1
 
+    generate.main([PROMPT, "--model", str(folder), "--num", "1", "--eta", "1", "--out", str(tmp_path / "eta")])
+    written = pixels(tmp_path / "eta" / "a-small-blue-water-turtle-00.png")[1]
+    assert np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0, eta=1.0)[0])
+    assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the config's: eta 0
 
-@pytest.mark.parametrize("value", ["0", "25", "nan"])
-def test_a_flow_shift_outside_the_configs_range_is_refused_before_the_model_loads(value, capsys):
+
+@pytest.mark.parametrize("option, value, message", [("--flow_shift", "0", "from 0.1 to 20"), ("--flow_shift", "25", "from 0.1 to 20"),
+                                                     ("--flow_shift", "nan", "from 0.1 to 20"), ("--eta", "1.5", "from 0 to 1")])
+def test_a_sampling_option_outside_the_configs_range_is_refused_before_the_model_loads(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        generate.parse_args([PROMPT, "--flow_shift", value])
-    assert exit.value.code == 2 and "--flow_shift: must be from 0.1 to 20" in capsys.readouterr().err
+        generate.parse_args([PROMPT, option, value])
+    assert exit.value.code == 2 and f"{option}: must be {message}" in capsys.readouterr().err
 
 
 def test_a_sampling_option_newer_than_the_models_saved_code_is_an_error_naming_it():

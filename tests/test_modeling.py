@@ -361,6 +361,17 @@ def test_flow_shift_moves_the_euler_steps_towards_noise_and_changes_the_sprites(
     torch.testing.assert_close(sprites(flow_shift=1.0), plain)
 
 
+def test_flow_eta_draws_fresh_noise_at_each_step_from_the_seed(make_model):
+    model = make_model("flow")
+    sprites = lambda **eta: model.generate(PROMPTS[:1], num_images_per_prompt=2, generator=seeded(3),
+                                           num_inference_steps=4, **eta)
+    euler, stochastic = sprites(), sprites(eta=1.0)
+    torch.testing.assert_close(sprites(eta=1.0), stochastic)  # the seed draws the steps' noise too
+    assert not torch.allclose(euler, stochastic) and not torch.allclose(stochastic, sprites(eta=0.5))
+    torch.testing.assert_close(sprites(eta=0.0), euler)
+    assert stochastic.min() >= 0 and stochastic.max() <= 1
+
+
 @pytest.mark.parametrize("keyword, value", [("flow_shift", 0.0), ("flow_shift", float("nan")), ("eta", 1.5),
                                             ("guidance_scale", -1.0), ("num_inference_steps", 0)])
 def test_a_sampling_keyword_out_of_the_configs_range_is_an_error_naming_it(make_model, keyword, value):
