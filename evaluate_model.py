@@ -46,7 +46,7 @@ from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
 from data_pokesprite import load_splits, split_to_tensors
-from generate import GenerateError, check_output_folder, eta_float, flow_shift_float, read_prompts_file, sampling_options
+from generate import GenerateError, check_output_folder, config_range, read_prompts_file, sampling_options
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 REFERENCES = ("real", "retrieval", "mean")
@@ -70,8 +70,9 @@ def parse_args(argv=None):
                         help="a prompts file, as generate.py's --prompts_file: one description per line (# comments)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
-    parser.add_argument("--eta", type=eta_float, default=None, help="diffusion and flow: fresh noise at each step, 0 (deterministic) to 1")
-    parser.add_argument("--flow_shift", type=flow_shift_float, default=None,
+    parser.add_argument("--eta", type=config_range("eta"), default=None,
+                        help="diffusion and flow: fresh noise at each step, 0 (deterministic) to 1")
+    parser.add_argument("--flow_shift", type=config_range("flow_shift"), default=None,
                         help="flow models (the others ignore it): shift the Euler steps towards high noise "
                              "(PokeSpriteConfig.flow_shift); default: the model's")
     parser.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state_dict for real FID")

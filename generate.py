@@ -72,10 +72,10 @@ def parse_args(argv=None):
                         help="flow and diffusion models: classifier-free guidance (default: the model's)")
     parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
                         help="flow and diffusion models: sampling steps (default: the model's)")
-    parser.add_argument("--eta", type=eta_float,
+    parser.add_argument("--eta", type=config_range("eta"),
                         help="flow and diffusion models: 0 = deterministic steps, up to 1 = fresh noise at each step "
                              "(smoother sprites; default: the model's)")
-    parser.add_argument("--flow_shift", type=flow_shift_float,
+    parser.add_argument("--flow_shift", type=config_range("flow_shift"),
                         help="flow models: > 1 spends more of the sampling steps at high noise (SD3's time shift; "
                              "default: the model's); diffusion models ignore it")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
@@ -113,22 +113,18 @@ def batch_size_int(text):
     return value
 
 
-def eta_float(text):
-    """--eta: a number in PokeSpriteConfig's range for eta, checked before the model loads."""
-    low, high = FLOAT_RANGES["eta"]
-    value = float(text)
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
-    return value
+def config_range(field):
+    """An argparse type for a sampling option: a number in PokeSpriteConfig's range for `field`, checked before the
+    model loads."""
+    low, high = FLOAT_RANGES[field]
 
+    def number(text):
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
+        return value
 
-def flow_shift_float(text):
-    """--flow_shift: a number in PokeSpriteConfig's range for flow_shift, checked before the model loads."""
-    low, high = FLOAT_RANGES["flow_shift"]
-    value = float(text)
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
-    return value
+    return number
 
 
 def seed_int(text):
