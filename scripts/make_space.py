@@ -9,7 +9,7 @@ The folder holds:
 - `README.md`: the Space's card, YAML front matter `sdk: gradio`, `sdk_version` (the Gradio that
   requirements-app.txt pins and the tests drive), `app_file: app.py`, `models: [<model>]`;
 - `app.py` and the repository's modules it imports, found by reading their imports (`generate.py`,
-  `attention_maps.py`), copied unchanged;
+  `attention_maps.py`, and `configuration_pokesprite.py`, whose ranges generate.py checks), copied unchanged;
 - `requirements.txt`: the packages those files and the model's own code (`modeling_pokesprite.py`, which
   `trust_remote_code` runs from the model repo) import, pinned as requirements.txt pins them, Gradio left out
   (the Space installs `sdk_version`);

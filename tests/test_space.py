@@ -49,8 +49,9 @@ def space(tmp_path_factory):
 
 def test_space_has_its_card_the_app_and_the_modules_the_app_imports(space):
     assert sorted(p.name for p in space.iterdir()) == [
-        "README.md", "app.py", "attention_maps.py", "generate.py", "requirements.txt", "space_config.json"]
-    for name in ("app.py", "generate.py", "attention_maps.py"):
+        "README.md", "app.py", "attention_maps.py", "configuration_pokesprite.py", "generate.py", "requirements.txt",
+        "space_config.json"]
+    for name in ("app.py", "generate.py", "attention_maps.py", "configuration_pokesprite.py"):  # generate.py reads its ranges
         assert (space / name).read_bytes() == (REPO_ROOT / name).read_bytes()
 
     card = front_matter(space / "README.md")
