@@ -244,11 +244,11 @@ class PokeSpriteDecoder(nn.Module):
 # the UNet, shared by the two iterative generators
 
 
-def fresh_noise(x, generator):
-    """Noise shaped like `x` for a stochastic sampling step, drawn on the generator's device (as `make_noise`
-    draws the starting noise) so that a seed gives the same sprites on any device."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device).to(x.device)
+def fresh_noise(shape, generator, device):
+    """Gaussian noise on `device`, drawn on the generator's device, so that a seed gives the same sprites on any
+    device: the starting noise (`make_noise`) and a stochastic sampling step's."""
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_on).to(device)
 
 
 def timestep_embedding(timesteps, dim):
@@ -483,7 +483,7 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
         noise_scale = eta * (sigma_next / sigma) * (1 - (alpha / alpha_next) ** 2).clamp(min=0).sqrt()
         x = alpha_next * x0 + (sigma_next**2 - noise_scale**2).clamp(min=0).sqrt() * eps
         if eta > 0:
-            x = x + noise_scale * fresh_noise(x, generator)
+            x = x + noise_scale * fresh_noise(x.shape, generator, x.device)
         return x
 
 
@@ -534,7 +534,7 @@ class PokeSpriteFlow(PokeSpriteUNet):
         # swaps that share of noise_hat for fresh noise (1: all of it), which pulls a drifting trajectory back
         # towards what the network was trained on (RESULTS.md: smoother, more compact sprites)
         noise = (x - (1 - t) * x0) / t
-        return (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * noise + eta * fresh_noise(x, generator))
+        return (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * noise + eta * fresh_noise(x.shape, generator, x.device))
 
 
 # the one place a generator type becomes a class
@@ -786,8 +786,7 @@ class PokeSpriteModel(PreTrainedModel):
     def make_noise(self, batch_size, generator=None):
         """Starting randomness for `batch_size` sprites, drawn on the generator's device, so a seed gives the same
         sprites on any device the model runs on."""
-        device = generator.device if generator is not None else self.device
-        return torch.randn(self.generator.noise_shape(batch_size), generator=generator, device=device).to(self.device)
+        return fresh_noise(self.generator.noise_shape(batch_size), generator, self.device)
 
     @torch.no_grad()
     def generate(
