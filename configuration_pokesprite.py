@@ -18,12 +18,12 @@ BERT_MINI = {
 
 
 # modeling_pokesprite.GENERATORS maps each to its class
-GENERATOR_TYPES = ("decoder", "diffusion", "flow")
+GENERATOR_TYPES = ("decoder", "diffusion", "flow", "latent-flow")
 # the integer fields and their least usable value, and the float fields' ranges: checked when a config is built
 INT_MINIMUMS = {
     "hidden_size": 1, "num_attention_heads": 1, "num_hidden_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
     "noise_dim": 1, "text_embedding_dim": 1, "base_channels": 1, "unet_patch_size": 1, "unet_layers_per_block": 1,
-    "num_train_timesteps": 2, "num_inference_steps": 1,
+    "latent_channels": 1, "num_train_timesteps": 2, "num_inference_steps": 1,
 }
 FLOAT_RANGES = {
     "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
@@ -53,7 +53,13 @@ class PokeSpriteConfig(PretrainedConfig):
     generator_type (`str`): "decoder" (the original design: one forward pass from noise plus text, trained with
         L1 + MSE), "diffusion" (a text-conditioned UNet trained with v-prediction and sampled with DDIM) or "flow"
         (the same UNet family trained as a rectified flow and sampled with Euler steps; with `unet_patch_size` 4
-        it trains in an hour on a CPU: `config/cpu.yaml`).
+        it trains in an hour on a CPU: `config/cpu.yaml`) or "latent-flow" (the flow UNet on the latents of a small
+        autoencoder trained with it, instead of on folded pixels).
+
+    Latent-flow generator (the UNet fields below apply to its UNet, which runs on the latents):
+        latent_channels (`int`, 8): channels of the latent, at image_size / unet_patch_size px.
+        autoencoder_channels (`list[int]`, [16, 64, 128]): the autoencoder's channels at image_size px and at each
+            halving down to the latent's size, so log2(unet_patch_size) + 1 entries; the decoder mirrors them.
 
     Decoder generator:
         noise_dim (`int`, 100), text_embedding_dim (`int`, 256), base_channels (`int`, 512): a 4x4 map of
@@ -62,9 +68,9 @@ class PokeSpriteConfig(PretrainedConfig):
         l1_weight, mse_weight (`float`, 1.0): reconstruction terms.
         attention_weight (`float`, 0.01): the attention coverage term (see `PokeSpriteDecoder.attention_loss`).
 
-    Diffusion and flow generators (the UNet):
+    Diffusion, flow and latent-flow generators (the UNet):
         unet_patch_size (`int`, 1): the sprite is folded into patches of this size first (pixel-unshuffle), so the
-            UNet runs at image_size / unet_patch_size px and below.
+            UNet runs at image_size / unet_patch_size px and below; latent-flow: how much smaller the latent is.
         unet_channels (`list[int]`, [64, 128, 256, 256]): channels at each UNet resolution, from the highest
             (64/32/16/8 px with patch size 1).
         unet_layers_per_block (`int`, 1): residual blocks per resolution.
@@ -78,10 +84,10 @@ class PokeSpriteConfig(PretrainedConfig):
         text_dropout (`float`, 0.1): fraction of training captions replaced by the empty prompt, which is what
             makes classifier-free guidance possible.
         guidance_scale (`float`, 3.0), num_inference_steps (`int`, 25), eta (`float`, 0.0): sampling defaults;
-            eta (diffusion and flow) 0 is deterministic, 1 adds DDPM-like noise at each step.
-        flow_logit_mean (`float`, 0.0): flow only: training draws t = sigmoid(n), n ~ Normal(flow_logit_mean, 1)
+            eta 0 is deterministic, 1 adds DDPM-like noise at each step.
+        flow_logit_mean (`float`, 0.0): the flows only: training draws t = sigmoid(n), n ~ Normal(flow_logit_mean, 1)
             (SD3's logit-normal); a positive mean trains more at high noise (Li & He, 2025, shift the same way).
-        flow_shift (`float`, 1.0): flow only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
+        flow_shift (`float`, 1.0): the flows only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
             so that s > 1 spends more of them at high noise, where the layout of a sprite is decided (SD3's time
             shift, diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`); 1 spaces them evenly.
     """
@@ -111,7 +117,10 @@ class PokeSpriteConfig(PretrainedConfig):
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     attention_weight: float = 0.01
-    # diffusion and flow generators
+    # latent-flow generator (and the UNet fields below)
+    latent_channels: int = 8
+    autoencoder_channels: list[int] | tuple[int, ...] = (16, 64, 128)
+    # the UNet of the diffusion and flow generators
     unet_patch_size: int = 1
     unet_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
     unet_layers_per_block: int = 1
@@ -157,10 +166,15 @@ class PokeSpriteConfig(PretrainedConfig):
         for r, c in zip(unet_sizes, self.unet_channels):
             if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.num_attention_heads:
                 raise ValueError(f"the UNet has {c} channels at {r} px, where it attends, not a multiple of num_attention_heads ({self.num_attention_heads})")
+        if self.generator_type == "latent-flow" and 2 ** (len(self.autoencoder_channels) - 1) != self.unet_patch_size:
+            raise ValueError(f"autoencoder_channels has {len(self.autoencoder_channels)} entries, so its encoder halves the sprite "
+                             f"{len(self.autoencoder_channels) - 1} times, but unet_patch_size is {self.unet_patch_size}: "
+                             f"it needs log2(unet_patch_size) + 1 entries")
         # json gives lists back; keep one type so saved and loaded configs compare equal
         self.cross_attention_resolutions = list(self.cross_attention_resolutions)
         self.unet_channels = list(self.unet_channels)
         self.unet_attention_resolutions = list(self.unet_attention_resolutions)
+        self.autoencoder_channels = list(self.autoencoder_channels)
 
     def check_types_and_ranges(self):
         """Every numeric field has the right type and a usable value, so a tampered or hand-edited `config.json`
@@ -177,12 +191,13 @@ class PokeSpriteConfig(PretrainedConfig):
             value = getattr(self, name)
             if not is_number(value) or not low <= value <= high:
                 fail(name, f"a number from {low} to {high}")
-        for name in ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions"):
+        for name in ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(is_int(v) and v >= 1 for v in value):
                 fail(name, "a list of integers >= 1")
-        if not self.unet_channels:
-            fail("unet_channels", "a non-empty list")
+        for name in ("unet_channels", "autoencoder_channels"):
+            if not getattr(self, name):
+                fail(name, "a non-empty list")
         for name in ("generator_type", "model_name"):
             if not isinstance(getattr(self, name), str):
                 fail(name, "a string")

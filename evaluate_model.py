@@ -71,9 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--eta", type=config_range("eta"), default=None,
-                        help="diffusion and flow: fresh noise at each step, 0 (deterministic) to 1")
+                        help="iterative generators only: fresh noise at each step, 0 (deterministic) to 1")
     parser.add_argument("--flow_shift", type=config_range("flow_shift"), default=None,
-                        help="flow models (the others ignore it): shift the Euler steps towards high noise "
+                        help="flow and latent-flow models (the others ignore it): shift the Euler steps towards high noise "
                              "(PokeSpriteConfig.flow_shift); default: the model's")
     parser.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state_dict for real FID")
     parser.add_argument("--batch_size", type=int, default=256)

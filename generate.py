@@ -69,14 +69,14 @@ def parse_args(argv=None):
                         help="output folder, created if missing (default: %(default)s)")
     parser.add_argument("--attention", action="store_true", help="also write each prompt's per-word attention heatmaps")
     parser.add_argument("--guidance_scale", "--guidance-scale", type=float, action=Spelled,
-                        help="flow and diffusion models: classifier-free guidance (default: the model's)")
+                        help="iterative models (all but the decoder): classifier-free guidance (default: the model's)")
     parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
-                        help="flow and diffusion models: sampling steps (default: the model's)")
+                        help="iterative models: sampling steps (default: the model's)")
     parser.add_argument("--eta", type=config_range("eta"),
-                        help="flow and diffusion models: 0 = deterministic steps, up to 1 = fresh noise at each step "
+                        help="iterative models: 0 = deterministic steps, up to 1 = fresh noise at each step "
                              "(smoother sprites; default: the model's)")
     parser.add_argument("--flow_shift", type=config_range("flow_shift"),
-                        help="flow models: > 1 spends more of the sampling steps at high noise (SD3's time shift; "
+                        help="flow and latent-flow models: > 1 spends more of the sampling steps at high noise (SD3's time shift; "
                              "default: the model's); diffusion models ignore it")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
@@ -397,7 +397,7 @@ def main(argv=None):
                                     num_inference_steps=args.num_inference_steps, eta=args.eta, flow_shift=args.flow_shift)
     elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.eta, args.flow_shift)):
         print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')}, --eta and --flow_shift apply to "
-              f"models that sample in steps with guidance (flow, diffusion); this {model.config.generator_type} model "
+              f"models that sample in steps with guidance; this {model.config.generator_type} model "
               f"makes a sprite in one pass, so they are ignored", file=sys.stderr)
     options = progress_option(model.generate, args.progress)
     num = args.num_images_per_prompt

@@ -1,8 +1,8 @@
 """PokeSprite: a description goes in, a 64x64 sprite comes out.
 
 One file, read top to bottom: the text encoder every generator shares, the original decoder generator, the UNet
-with its two iterative generators (diffusion and rectified flow), `GENERATORS`, and `PokeSpriteModel`, which holds
-the one that `config.generator_type` names.
+with its iterative generators (diffusion, rectified flow, and rectified flow on an autoencoder's latents),
+`GENERATORS`, and `PokeSpriteModel`, which holds the one that `config.generator_type` names.
 """
 
 import math
@@ -58,7 +58,8 @@ class PokeSpriteOutput(ModelOutput):
     loss (`torch.FloatTensor` of shape `()`, returned with `pixel_values`): the weighted training loss.
     images (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`): sprites in [-1, 1]. With
         `pixel_values`, the iterative generators return their one-step estimate of the clean sprite.
-    l1_loss, mse_loss, attention_loss (`torch.FloatTensor` of shape `()`): the decoder's loss terms, unweighted.
+    l1_loss, mse_loss, attention_loss (`torch.FloatTensor` of shape `()`): the decoder's loss terms, unweighted;
+        latent-flow: l1_loss and mse_loss are its autoencoder's reconstruction error.
     loss_per_sample (`torch.FloatTensor` of shape `(batch,)`): the weighted loss of each sample; `loss` is its mean.
     attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): one per cross-attention layer, each of
         shape `(batch, height * width, text_length)`, averaged over heads; each row sums to 1 over the valid tokens.
@@ -329,15 +330,19 @@ class PokeSpriteUNet(nn.Module):
     attribute_name = "unet"
     uses_guidance = True
 
-    def __init__(self, config):
+    def __init__(self, config, in_channels=None):
+        """`in_channels`: the UNet works on maps of that many channels at image_size / unet_patch_size px (the
+        latent flow's latents) instead of on the sprite folded into patches."""
         super().__init__()
         self.config = config
         channels, n, p = config.unet_channels, config.unet_layers_per_block, config.unet_patch_size
+        self.fold = in_channels is None and p > 1
         self.base = channels[0]
         embedding_dim = 4 * self.base
         self.time_mlp = nn.Sequential(nn.Linear(self.base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
         self.text_mlp = nn.Linear(config.hidden_size, embedding_dim)
-        self.conv_in = nn.Conv2d(config.num_channels * p * p, self.base, 3, padding=1)
+        self.in_channels = in_channels or config.num_channels * p * p
+        self.conv_in = nn.Conv2d(self.in_channels, self.base, 3, padding=1)
 
         # the channels of each skip connection, in the order the down path makes them
         symmetric = config.unet_symmetric
@@ -363,7 +368,7 @@ class PokeSpriteUNet(nn.Module):
             self.up.append(PokeSpriteUNetLevel(config, block_in, out_ch, (config.image_size // p) >> level, upsample))
 
         self.norm_out = group_norm(self.base)
-        self.conv_out = nn.Conv2d(self.base, config.num_channels * p * p, 3, padding=1)
+        self.conv_out = nn.Conv2d(self.base, self.in_channels, 3, padding=1)
         # a zero output layer makes the untrained UNet predict 0, a calm start for either objective
         self.conv_out.zero_init = True
 
@@ -381,7 +386,7 @@ class PokeSpriteUNet(nn.Module):
             return h
 
         p = self.config.unet_patch_size
-        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
+        h = self.conv_in(F.pixel_unshuffle(x, p) if self.fold else x)
         symmetric = self.config.unet_symmetric
         skips = [] if symmetric else [h]
         for level in self.down:
@@ -406,7 +411,7 @@ class PokeSpriteUNet(nn.Module):
                 h = level.resample(h)
 
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return (F.pixel_shuffle(out, p) if p > 1 else out), attentions
+        return (F.pixel_shuffle(out, p) if self.fold else out), attentions
 
     def noise_shape(self, batch_size):
         c = self.config
@@ -537,8 +542,73 @@ class PokeSpriteFlow(PokeSpriteUNet):
         return (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * noise + eta * fresh_noise(x.shape, generator, x.device))
 
 
+class PokeSpriteAutoencoder(nn.Module):
+    """Sprite <-> latent: convolutions that halve the sprite down to image_size / unet_patch_size px and end in
+    `latent_channels` squashed to [-1, 1] by tanh (the range the flow's x0 clamp expects), and a decoder that
+    mirrors them. Plain convolutions: they run at 64 and 32 px, where the CPU can afford only a few."""
+
+    def __init__(self, config):
+        super().__init__()
+        channels = config.autoencoder_channels
+        encoder = [nn.Conv2d(config.num_channels, channels[0], 3, padding=1)]
+        for c_in, c_out in zip(channels, channels[1:]):
+            encoder += [nn.SiLU(), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        encoder += [nn.SiLU(), nn.Conv2d(channels[-1], config.latent_channels, 3, padding=1), nn.Tanh()]
+        self.encoder = nn.Sequential(*encoder)
+        decoder = [nn.Conv2d(config.latent_channels, channels[-1], 3, padding=1)]
+        for c_in, c_out in zip(channels[::-1], channels[::-1][1:]):
+            decoder += [nn.SiLU(), nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
+        decoder += [nn.SiLU(), nn.Conv2d(channels[0], config.num_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*decoder)
+
+    def encode(self, pixel_values):
+        return self.encoder(pixel_values)
+
+    def decode(self, latents):
+        return self.decoder(latents)
+
+
+class PokeSpriteLatentFlow(PokeSpriteFlow):
+    """Rectified flow on the latents of a small autoencoder trained alongside it (Rombach et al., 2022, train the
+    autoencoder first; here one loss trains both, and the flow sees the latents without a gradient into the
+    encoder, so it cannot pull them towards what is easy to denoise). The flow UNet decides the layout at
+    image_size / unet_patch_size px; the decoder, trained only on real sprites, draws each patch's pixels, which
+    is what the pixel-space flow's mottled interiors show it failing to do (RESULTS.md)."""
+
+    objective = "rectified-flow velocity MSE on the latents + L1 + MSE reconstruction"
+
+    def __init__(self, config):
+        super().__init__(config, in_channels=config.latent_channels)
+        self.autoencoder = PokeSpriteAutoencoder(config)
+
+    def noise_shape(self, batch_size):
+        c = self.config
+        size = c.image_size // c.unet_patch_size
+        return (batch_size, c.latent_channels, size, size)
+
+    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
+        latents = self.autoencoder.encode(pixel_values)
+        reconstruction = self.autoencoder.decode(latents)
+        error = reconstruction.float() - pixel_values
+        reconstruction_loss = error.abs().mean((1, 2, 3)) + error.pow(2).mean((1, 2, 3))
+        flow = super().loss(tokens, mask, latents.detach().float(), noise, timesteps, output_attentions)
+        loss_per_sample = flow.loss_per_sample + reconstruction_loss
+        with torch.no_grad():
+            images = self.autoencoder.decode(flow.images.to(latents.dtype)).float().clamp(-1, 1)
+        return PokeSpriteOutput(loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=images,
+                                l1_loss=error.abs().mean(), mse_loss=error.pow(2).mean(), attentions=flow.attentions)
+
+    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, flow_shift=1.0, generator=None,
+               output_attentions=False, progress_bar=False):
+        latents = super().sample(tokens, mask, noise, guidance_scale, num_inference_steps, eta, flow_shift, generator,
+                                 output_attentions, progress_bar)
+        images = self.autoencoder.decode(latents.images.to(tokens.dtype)).float().clamp(-1, 1)
+        return PokeSpriteOutput(images=images, attentions=latents.attentions)
+
+
 # the one place a generator type becomes a class
-GENERATORS = {"decoder": PokeSpriteDecoder, "diffusion": PokeSpriteDiffusion, "flow": PokeSpriteFlow}
+GENERATORS = {"decoder": PokeSpriteDecoder, "diffusion": PokeSpriteDiffusion, "flow": PokeSpriteFlow,
+              "latent-flow": PokeSpriteLatentFlow}
 
 
 # model
@@ -553,6 +623,7 @@ class PokeSpriteModel(PreTrainedModel):
       classifier-free guidance; trained with the v-prediction objective.
     - "flow": the same UNet family on 4x4 patches, trained as a rectified flow and sampled with Euler steps: the
       design that trains in an hour on a CPU.
+    - "latent-flow": the flow UNet on the latents of a small autoencoder trained with it, decoded once at the end.
 
     Every generator has the same small interface, `loss(...)` and `sample(...)`; this class draws the noise,
     replaces dropped captions with the learned empty prompt, and hands the rest to the generator.
@@ -690,11 +761,11 @@ class PokeSpriteModel(PreTrainedModel):
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch, text_length)`): the tokenised captions.
         noise (`torch.FloatTensor`, *optional*): the randomness of the sprite, of shape `make_noise`'s. Decoder:
             `(batch, noise_dim)`. Diffusion and flow: the starting noise `(batch, num_channels, image_size,
-            image_size)`; with `pixel_values`, the noise added to them. Drawn from the global RNG when not given.
+            image_size)` (latent-flow: of the latent's shape); with `pixel_values`, the noise added to them. Drawn from the global RNG when not given.
         pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`, in [-1, 1]): the
             target sprites. When given, the output holds the training loss and its terms.
-        timesteps (`torch.Tensor` of shape `(batch,)`, diffusion and flow only): the noise level of each training
-            sample (integers for diffusion, t in (0, 1) for flow); drawn at random when not given (fix it, with
+        timesteps (`torch.Tensor` of shape `(batch,)`, iterative generators only): the noise level of each training
+            sample (integers for diffusion, t in (0, 1) for the flows); drawn at random when not given (fix it, with
             `noise`, for a deterministic validation loss: `model.generator.draw_timesteps`).
         generator (`torch.Generator`, iterative sampling only): the randomness of the steps when `eta > 0`.
         bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
@@ -807,8 +878,8 @@ class PokeSpriteModel(PreTrainedModel):
 
         Returns a `(batch * num_images_per_prompt, num_channels, image_size, image_size)` tensor in [0, 1], or a list
         of PIL images (RGBA when the model has alpha) with `output_type="pil"`. Sprites of one prompt are adjacent.
-        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps`, `eta` (DDIM
-        only) and `flow_shift` (flow only) apply to the iterative generators (`uses_guidance`) and default to the
+        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps`, `eta`
+        and `flow_shift` (the flows only) apply to the iterative generators (`uses_guidance`) and default to the
         config's; `progress_bar` shows a tqdm bar over their sampling steps.
         """
         if prompts is not None:

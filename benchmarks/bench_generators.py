@@ -4,8 +4,9 @@
     python benchmarks/bench_generators.py --out benchmarks/results/generators_cpu.json
 
 For each generator (the diffusion UNet that was the default before the flow generator replaced it, config/cpu.yaml's
-flow generator, config/train_config.yaml's wider flow generator for a GPU, config/quickstart.yaml's decoder) on the
-frozen all-MiniLM-L6-v2 tokens it measures, in this process and one after the other:
+flow generator and the latent flow in its place, config/train_config.yaml's wider flow generator for a GPU,
+config/quickstart.yaml's decoder) on the frozen all-MiniLM-L6-v2 tokens it measures, in this process and one after
+the other:
 
 - a training step as train_accelerate.py takes it: the BERT features cached, the rest forward and backward at
   --batch_size, AdamW, channels-last on CPU; images/s over --steps timed steps after --warmup;
@@ -44,6 +45,7 @@ PREVIOUS_DEFAULT_UNET = dict(
 CONFIGS = {  # name: (YAML, what differs from it)
     "diffusion (previous default UNet)": (REPO_ROOT / "config" / "train_config.yaml", PREVIOUS_DEFAULT_UNET),
     "flow (cpu.yaml)": (REPO_ROOT / "config" / "cpu.yaml", {}),
+    "latent-flow (cpu.yaml, --generator_type latent-flow)": (REPO_ROOT / "config" / "cpu.yaml", {"generator_type": "latent-flow"}),
     "flow (train_config.yaml, GPU width)": (REPO_ROOT / "config" / "train_config.yaml", {}),
     "decoder (quickstart.yaml)": (REPO_ROOT / "config" / "quickstart.yaml", {}),
 }

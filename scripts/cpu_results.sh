@@ -9,6 +9,8 @@
 #                           32 on the Pokémon with 48-token captions
 #   LONG=1                  also train and evaluate the 120-minute row: cpu.yaml for 14,000 steps (its own cosine
 #                           schedule, in $RUN-120; resumable like TRAIN=1)
+#   LATENT=1                also train and evaluate the latent-flow row: cpu.yaml with --generator_type latent-flow,
+#                           4,800 steps (an hour at its speed; in $RUN-latent, resumable)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/pokemon} RUN=${RUN:-outputs/cpu} EVAL=${EVAL:-outputs/eval} STEPS=${STEPS:-"1750 3500 7000"}
@@ -53,15 +55,19 @@ if [ "${DECODER:-0}" = 1 ]; then
   [ -f "$EVAL/decoder/eval.json" ] || python evaluate_model.py --model outputs/decoder --dataset data/pokesprite \
     --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt --out "$EVAL/decoder"
 fi
-if [ "${LONG:-0}" = 1 ]; then
-  resume=(); [ -d "$RUN-120" ] && resume=(--resume latest)
-  [ -f "$RUN-120/model.safetensors" ] || accelerate launch --num_processes 1 --cpu train_accelerate.py \
-    --config config/cpu.yaml --text_encoder "$MINILM" --max_train_steps 14000 --checkpointing_steps 500 \
-    --output_dir "$RUN-120" "${resume[@]}"
+extra_rows=()
+extra_row() {  # extra_row OUTPUT_DIR ROW FLAGS...: cpu.yaml with FLAGS trained into OUTPUT_DIR (resumable), evaluated as ROW
+  local run=$1 row=$2; shift 2
+  local resume=(); [ -d "$run" ] && resume=(--resume latest)
+  [ -f "$run/model.safetensors" ] || accelerate launch --num_processes 1 --cpu train_accelerate.py \
+    --config config/cpu.yaml --text_encoder "$MINILM" "$@" --output_dir "$run" "${resume[@]}"
   # shellcheck disable=SC2086  # SAMPLING is a list of flags
-  [ -f "$EVAL/flow-120min/eval.json" ] || python evaluate_model.py --model "$RUN-120" --dataset data/pokesprite \
-    --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt $SAMPLING --out "$EVAL/flow-120min"
-fi
+  [ -f "$EVAL/$row/eval.json" ] || python evaluate_model.py --model "$run" --dataset data/pokesprite \
+    --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt $SAMPLING --out "$EVAL/$row"
+  extra_rows+=("$row=$EVAL/$row")
+}
+[ "${LONG:-0}" = 1 ] && extra_row "$RUN-120" flow-120min --max_train_steps 14000 --checkpointing_steps 500
+[ "${LATENT:-0}" = 1 ] && extra_row "$RUN-latent" latent-flow-60min --generator_type latent-flow --max_train_steps 4800
 for step in $STEPS; do
   export_step "$step"
   # shellcheck disable=SC2086  # SAMPLING is a list of flags
@@ -69,6 +75,5 @@ for step in $STEPS; do
     --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt $SAMPLING --out "$EVAL/flow-step$step"
 done
 decoder=(); [ -f "$EVAL/decoder/eval.json" ] && decoder=(decoder="$EVAL/decoder")
-long=(); [ -f "$EVAL/flow-120min/eval.json" ] && long=(flow-120min="$EVAL/flow-120min")
 python scripts/results_table.py real="$EVAL/real" retrieval="$EVAL/retrieval" mean="$EVAL/mean" "${decoder[@]}" \
-  $(for step in $STEPS; do echo "flow-step$step=$EVAL/flow-step$step"; done) "${long[@]}"
+  $(for step in $STEPS; do echo "flow-step$step=$EVAL/flow-step$step"; done) "${extra_rows[@]}"

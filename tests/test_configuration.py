@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfig
 
-LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions")
+LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels")
 FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder", "unet_symmetric"]
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
@@ -21,7 +21,7 @@ ANY_VALUE = st.one_of(
     ("hidden_size", -32), ("max_text_length", -5), ("max_text_length", 0), ("image_size", "sixty-four"),
     ("noise_dim", 0), ("num_attention_heads", 2.5), ("num_inference_steps", True), ("text_dropout", 1.5), ("eta", math.nan),
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
-    ("unet_symmetric", 1),
+    ("unet_symmetric", 1), ("latent_channels", 0), ("autoencoder_channels", []), ("autoencoder_channels", [16, 0]),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
     with pytest.raises(ValueError) as error:

