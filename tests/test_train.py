@@ -137,38 +137,33 @@ def decoder_run(colour_dataset_dir, tmp_path_factory):
     return output_dir
 
 
-@pytest.fixture(scope="module")
-def flow_run(colour_dataset_dir, tmp_path_factory):
-    """The flow generator at a tiny width on 2x2 patches (16/8/4 px) in cpu.yaml's symmetric layout, 300 steps of 16
-    sprites."""
-    output_dir = tmp_path_factory.mktemp("flow") / "run"
-    config = output_dir.parent / "flow.yaml"
+def train_tiny_flow(colour_dataset_dir, tmp_path_factory, generator_type, **model):
+    """A flow generator of `generator_type` at a tiny width in cpu.yaml's symmetric layout with these model
+    settings, 300 steps of 16 sprites."""
+    output_dir = tmp_path_factory.mktemp(generator_type) / "run"
+    config = output_dir.parent / f"{generator_type}.yaml"
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["model"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_symmetric=True, unet_attention_resolutions=[8, 4],
-                        num_inference_steps=8)
+    cfg["model"].update(unet_channels=[16, 32, 32], unet_symmetric=True, num_inference_steps=8, **model)
     config.write_text(yaml.safe_dump(cfg))
-    train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", "flow", "--max_train_steps", 300,
+    train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", generator_type, "--max_train_steps", 300,
           "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",
           "--lr_warmup_steps", 10, "--validation_steps", 100, "--checkpointing_steps", 1000, "--ema_decay", 0.98,
           "--report_to", "tensorboard")
     return output_dir
+
+
+@pytest.fixture(scope="module")
+def flow_run(colour_dataset_dir, tmp_path_factory):
+    """The flow generator on 2x2 patches of tiny.yaml's 32 px sprites: its UNet at 16/8/4 px."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "flow", unet_patch_size=2, unet_attention_resolutions=[8, 4])
 
 
 @pytest.fixture(scope="module")
 def latent_flow_run(colour_dataset_dir, tmp_path_factory):
-    """The latent flow at a tiny width: an autoencoder to 4 x 32 x 32 latents and the flow UNet on them (32/16/8 px,
-    as flow_run's on 2x2 patches), 300 steps of 16 sprites."""
-    output_dir = tmp_path_factory.mktemp("latent-flow") / "run"
-    config = output_dir.parent / "latent-flow.yaml"
-    cfg = yaml.safe_load(TINY.read_text())
-    cfg["model"].update(unet_patch_size=2, unet_channels=[16, 32, 32], unet_symmetric=True, unet_attention_resolutions=[8],
-                        latent_channels=4, autoencoder_channels=[8, 16], num_inference_steps=8)
-    config.write_text(yaml.safe_dump(cfg))
-    train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", "latent-flow", "--max_train_steps", 300,
-          "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",
-          "--lr_warmup_steps", 10, "--validation_steps", 100, "--checkpointing_steps", 1000, "--ema_decay", 0.98,
-          "--report_to", "tensorboard")
-    return output_dir
+    """The latent flow: an autoencoder from tiny.yaml's 32 px to 4 x 16 x 16 latents and the UNet on them
+    (16/8/4 px, as flow_run's on 2x2 patches)."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "latent-flow", unet_patch_size=2,
+                           unet_attention_resolutions=[8], latent_channels=4, autoencoder_channels=[8, 16])
 
 
 # a run leaves checkpoints, logs, a model and a card
