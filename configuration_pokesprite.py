@@ -120,7 +120,7 @@ class PokeSpriteConfig(PretrainedConfig):
     # latent-flow generator (and the UNet fields below)
     latent_channels: int = 8
     autoencoder_channels: list[int] | tuple[int, ...] = (16, 64, 128)
-    # the UNet of the diffusion and flow generators
+    # the UNet of the diffusion and both flow generators
     unet_patch_size: int = 1
     unet_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
     unet_layers_per_block: int = 1
