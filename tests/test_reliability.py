@@ -327,7 +327,7 @@ PREFLIGHT_CASES = {
     "output_dir_not_writable": ("output_dir", "is not writable: Not a directory"),
     "disk_full": ("disk", "MiB free in"),
     "dataset_missing_text_column": ("dataset", "split 'train' lacks column(s) ['text']"),
-    "generator_type_gan": ("gan", "generator_type must be one of decoder, diffusion, flow, got 'gan'"),
+    "generator_type_gan": ("gan", "generator_type must be one of decoder, diffusion, flow, latent-flow, got 'gan'"),
     "bad_yaml": ("yaml", "is not valid YAML"),
     "misspelt_config_key": ("key", "unknown key(s) training.learning_rat (did you mean learning_rate?)"),
     "text_encoder_does_not_load": ("text_encoder", "not-a-bert' does not load ("),
