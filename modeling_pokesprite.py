@@ -242,7 +242,7 @@ class PokeSpriteDecoder(nn.Module):
         return PokeSpriteOutput(images=images, attentions=tuple(attentions) if output_attentions else None)
 
 
-# the UNet, shared by the two iterative generators
+# the UNet, shared by the iterative generators
 
 
 def fresh_noise(shape, generator, device):
@@ -590,18 +590,17 @@ class PokeSpriteLatentFlow(PokeSpriteFlow):
         latents = self.autoencoder.encode(pixel_values)
         reconstruction = self.autoencoder.decode(latents)
         error = reconstruction.float() - pixel_values
-        reconstruction_loss = error.abs().mean((1, 2, 3)) + error.pow(2).mean((1, 2, 3))
+        l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
         flow = super().loss(tokens, mask, latents.detach().float(), noise, timesteps, output_attentions)
-        loss_per_sample = flow.loss_per_sample + reconstruction_loss
+        loss_per_sample = flow.loss_per_sample + l1 + mse
         with torch.no_grad():
             images = self.autoencoder.decode(flow.images.to(latents.dtype)).float().clamp(-1, 1)
         return PokeSpriteOutput(loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=images,
-                                l1_loss=error.abs().mean(), mse_loss=error.pow(2).mean(), attentions=flow.attentions)
+                                l1_loss=l1.mean(), mse_loss=mse.mean(), attentions=flow.attentions)
 
-    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, flow_shift=1.0, generator=None,
-               output_attentions=False, progress_bar=False):
-        latents = super().sample(tokens, mask, noise, guidance_scale, num_inference_steps, eta, flow_shift, generator,
-                                 output_attentions, progress_bar)
+    def sample(self, tokens, *args, **kwargs):
+        """The flow's sampler in latent space (its arguments), then one decode to pixels."""
+        latents = super().sample(tokens, *args, **kwargs)
         images = self.autoencoder.decode(latents.images.to(tokens.dtype)).float().clamp(-1, 1)
         return PokeSpriteOutput(images=images, attentions=latents.attentions)
 
@@ -761,7 +760,8 @@ class PokeSpriteModel(PreTrainedModel):
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch, text_length)`): the tokenised captions.
         noise (`torch.FloatTensor`, *optional*): the randomness of the sprite, of shape `make_noise`'s. Decoder:
             `(batch, noise_dim)`. Diffusion and flow: the starting noise `(batch, num_channels, image_size,
-            image_size)` (latent-flow: of the latent's shape); with `pixel_values`, the noise added to them. Drawn from the global RNG when not given.
+            image_size)` (latent-flow: of the latent's shape); with `pixel_values`, the noise added to them. Drawn
+            from the global RNG when not given.
         pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`, in [-1, 1]): the
             target sprites. When given, the output holds the training loss and its terms.
         timesteps (`torch.Tensor` of shape `(batch,)`, iterative generators only): the noise level of each training
