@@ -19,6 +19,7 @@ BERT_MINI = {
 
 # modeling_pokesprite.GENERATORS maps each to its class
 GENERATOR_TYPES = ("decoder", "diffusion", "flow", "latent-flow")
+LATENT_FLOW_STAGES = ("joint", "autoencoder", "flow")
 # the integer fields and their least usable value, and the float fields' ranges: checked when a config is built
 INT_MINIMUMS = {
     "hidden_size": 1, "num_attention_heads": 1, "num_hidden_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
@@ -54,12 +55,16 @@ class PokeSpriteConfig(PretrainedConfig):
         L1 + MSE), "diffusion" (a text-conditioned UNet trained with v-prediction and sampled with DDIM) or "flow"
         (the same UNet family trained as a rectified flow and sampled with Euler steps; with `unet_patch_size` 4
         it trains in an hour on a CPU: `config/cpu.yaml`) or "latent-flow" (the flow UNet on the latents of a small
-        autoencoder trained with it, instead of on folded pixels).
+        autoencoder trained with it or before it, see `latent_flow_stage`, instead of on folded pixels).
 
     Latent-flow generator (the UNet fields below apply to its UNet, which runs on the latents):
         latent_channels (`int`, 8): channels of the latent, at image_size / unet_patch_size px.
         autoencoder_channels (`list[int]`, [16, 64, 128]): the autoencoder's channels at image_size px and at each
             halving down to the latent's size, so log2(unet_patch_size) + 1 entries; the decoder mirrors them.
+        latent_flow_stage (`str`, "joint"): what training trains. "joint": the flow and the autoencoder together, one
+            loss. "autoencoder": the autoencoder alone (its reconstruction loss; nothing else learns). "flow": the
+            flow alone, on the latents of a frozen autoencoder, so its target stays fixed from its first step
+            (Rombach et al., 2022); start it from an "autoencoder" run's model with `--init_from` (RESULTS.md).
 
     Decoder generator:
         noise_dim (`int`, 100), text_embedding_dim (`int`, 256), base_channels (`int`, 512): a 4x4 map of
@@ -120,6 +125,7 @@ class PokeSpriteConfig(PretrainedConfig):
     # latent-flow generator (and the UNet fields below)
     latent_channels: int = 8
     autoencoder_channels: list[int] | tuple[int, ...] = (16, 64, 128)
+    latent_flow_stage: str = "joint"
     # the UNet of the diffusion and both flow generators
     unet_patch_size: int = 1
     unet_channels: list[int] | tuple[int, ...] = (64, 128, 256, 256)
@@ -140,6 +146,8 @@ class PokeSpriteConfig(PretrainedConfig):
         self.check_types_and_ranges()
         if self.generator_type not in GENERATOR_TYPES:
             raise ValueError(f"generator_type must be one of {', '.join(GENERATOR_TYPES)}, got {self.generator_type!r}")
+        if self.latent_flow_stage not in LATENT_FLOW_STAGES:
+            raise ValueError(f"PokeSpriteConfig.latent_flow_stage must be one of {', '.join(LATENT_FLOW_STAGES)}, got {self.latent_flow_stage!r}")
         if self.num_channels not in (3, 4):
             raise ValueError(f"num_channels must be 3 (RGB) or 4 (RGBA), got {self.num_channels}")
         if self.hidden_size % self.num_attention_heads:
@@ -198,7 +206,7 @@ class PokeSpriteConfig(PretrainedConfig):
         for name in ("unet_channels", "autoencoder_channels"):
             if not getattr(self, name):
                 fail(name, "a non-empty list")
-        for name in ("generator_type", "model_name"):
+        for name in ("generator_type", "model_name", "latent_flow_stage"):
             if not isinstance(getattr(self, name), str):
                 fail(name, "a string")
         for name in ("freeze_text_encoder", "unet_symmetric"):

@@ -57,7 +57,8 @@ class PokeSpriteOutput(ModelOutput):
     """
     loss (`torch.FloatTensor` of shape `()`, returned with `pixel_values`): the weighted training loss.
     images (`torch.FloatTensor` of shape `(batch, num_channels, image_size, image_size)`): sprites in [-1, 1]. With
-        `pixel_values`, the iterative generators return their one-step estimate of the clean sprite.
+        `pixel_values`, the iterative generators return their one-step estimate of the clean sprite (latent-flow:
+        in eval mode only, since decoding it costs a tenth of a training step).
     l1_loss, mse_loss, attention_loss (`torch.FloatTensor` of shape `()`): the decoder's loss terms, unweighted;
         latent-flow: l1_loss and mse_loss are its autoencoder's reconstruction error.
     loss_per_sample (`torch.FloatTensor` of shape `(batch,)`): the weighted loss of each sample; `loss` is its mean.
@@ -171,6 +172,7 @@ class PokeSpriteDecoder(nn.Module):
     `image_size` pixels in [-1, 1], in one pass. Trained with L1 + MSE reconstruction plus attention coverage."""
 
     attribute_name = "decoder"  # where PokeSpriteModel keeps it: the prefix of its weights in model.safetensors
+    trains_text = True  # the token transformer (and the empty prompt) learn with it
     objective = "L1 + MSE + attention coverage"  # for the model card
     uses_guidance = False
 
@@ -329,6 +331,7 @@ class PokeSpriteUNet(nn.Module):
 
     attribute_name = "unet"
     uses_guidance = True
+    trains_text = True
 
     def __init__(self, config, in_channels=None):
         """`in_channels`: the UNet works on maps of that many channels at image_size / unet_patch_size px (the
@@ -569,17 +572,30 @@ class PokeSpriteAutoencoder(nn.Module):
 
 
 class PokeSpriteLatentFlow(PokeSpriteFlow):
-    """Rectified flow on the latents of a small autoencoder trained alongside it (Rombach et al., 2022, train the
-    autoencoder first; here one loss trains both, and the flow sees the latents without a gradient into the
-    encoder, so it cannot pull them towards what is easy to denoise). The flow UNet decides the layout at
-    image_size / unet_patch_size px; the decoder, trained only on real sprites, draws each patch's pixels, which
-    is what the pixel-space flow's mottled interiors show it failing to do (RESULTS.md)."""
+    """Rectified flow on the latents of a small autoencoder. The flow UNet decides the layout at
+    image_size / unet_patch_size px; the decoder, trained only on real sprites, draws each patch's pixels, which is
+    what the pixel-space flow's mottled interiors show it failing to do (RESULTS.md).
 
-    objective = "rectified-flow velocity MSE on the latents + L1 + MSE reconstruction"
+    `latent_flow_stage` says what trains. "joint": both, one loss; the flow sees the latents without a gradient
+    into the encoder, so it cannot pull them towards what is easy to denoise, but it chases latents that are still
+    changing. "autoencoder" then "flow" (`--init_from` the first's model): the autoencoder first, then the flow on
+    its frozen latents, a fixed target from the first step (Rombach et al., 2022, train them in that order).
+    """
+
+    objective = ("by latent_flow_stage: rectified-flow velocity MSE on the latents + L1 + MSE reconstruction (joint), "
+                 "the reconstruction alone (autoencoder) or the velocity MSE alone (flow)")
 
     def __init__(self, config):
         super().__init__(config, in_channels=config.latent_channels)
         self.autoencoder = PokeSpriteAutoencoder(config)
+        self.stage = config.latent_flow_stage
+        # requires_grad tells the optimizer (and DDP) what this stage trains
+        if self.stage == "flow":
+            self.autoencoder.requires_grad_(False)
+        if self.stage == "autoencoder":
+            for name, module in self.named_children():
+                module.requires_grad_(name == "autoencoder")
+            self.trains_text = False
 
     def noise_shape(self, batch_size):
         c = self.config
@@ -587,16 +603,25 @@ class PokeSpriteLatentFlow(PokeSpriteFlow):
         return (batch_size, c.latent_channels, size, size)
 
     def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
-        latents = self.autoencoder.encode(pixel_values)
-        reconstruction = self.autoencoder.decode(latents)
-        error = reconstruction.float() - pixel_values
-        l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage != "flow"):
+            latents = self.autoencoder.encode(pixel_values)
+        reconstruction_loss, terms = 0, {}
+        if self.stage != "flow":
+            reconstruction = self.autoencoder.decode(latents)
+            error = reconstruction.float() - pixel_values
+            l1, mse = error.abs().mean((1, 2, 3)), error.pow(2).mean((1, 2, 3))
+            reconstruction_loss, terms = l1 + mse, {"l1_loss": l1.mean(), "mse_loss": mse.mean()}
+        if self.stage == "autoencoder":  # nothing else learns, so the flow is not run
+            return PokeSpriteOutput(loss=reconstruction_loss.mean(), loss_per_sample=reconstruction_loss,
+                                    images=reconstruction.float().clamp(-1, 1), **terms)
         flow = super().loss(tokens, mask, latents.detach().float(), noise, timesteps, output_attentions)
-        loss_per_sample = flow.loss_per_sample + l1 + mse
-        with torch.no_grad():
-            images = self.autoencoder.decode(flow.images.to(latents.dtype)).float().clamp(-1, 1)
+        loss_per_sample = flow.loss_per_sample + reconstruction_loss
+        images = None
+        if not self.training:  # decoding the estimate would add a tenth to a training step that never reads it
+            with torch.no_grad():
+                images = self.autoencoder.decode(flow.images.to(latents.dtype)).float().clamp(-1, 1)
         return PokeSpriteOutput(loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=images,
-                                l1_loss=l1.mean(), mse_loss=mse.mean(), attentions=flow.attentions)
+                                attentions=flow.attentions, **terms)
 
     def sample(self, tokens, *args, **kwargs):
         """The flow's sampler in latent space (its arguments), then one decode to pixels."""
@@ -622,7 +647,8 @@ class PokeSpriteModel(PreTrainedModel):
       classifier-free guidance; trained with the v-prediction objective.
     - "flow": the same UNet family on 4x4 patches, trained as a rectified flow and sampled with Euler steps: the
       design that trains in an hour on a CPU.
-    - "latent-flow": the flow UNet on the latents of a small autoencoder trained with it, decoded once at the end.
+    - "latent-flow": the flow UNet on the latents of a small autoencoder trained with it or before it
+      (`latent_flow_stage`), decoded once at the end.
 
     Every generator has the same small interface, `loss(...)` and `sample(...)`; this class draws the noise,
     replaces dropped captions with the learned empty prompt, and hands the rest to the generator.
@@ -643,6 +669,10 @@ class PokeSpriteModel(PreTrainedModel):
             # the "empty prompt": one learned token that replaces a dropped caption, and the unconditional branch
             # of classifier-free guidance at generation
             self.null_tokens = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        if not generator.trains_text:  # e.g. the latent flow's autoencoder stage: the captions go unread
+            self.text_encoder.requires_grad_(False)
+            if generator.uses_guidance:
+                self.null_tokens.requires_grad_(False)
         self._tokenizer = None
         self.post_init()
 

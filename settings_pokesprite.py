@@ -31,7 +31,7 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser, SchedulerType
 
-from configuration_pokesprite import GENERATOR_TYPES, PokeSpriteConfig
+from configuration_pokesprite import GENERATOR_TYPES, LATENT_FLOW_STAGES, PokeSpriteConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "train_config.yaml"
 INT64_MAX = 2**63 - 1  # counts reach torch as int64
@@ -159,6 +159,9 @@ class TrainingArguments(Checked):
     mixed_precision: Literal["no", "fp16", "bf16"] | None = setting(
         None, "null: what `accelerate launch` was given (accelerate_config.yaml: bf16)")
     seed: int = setting(42, "the initial weights, the shuffling, the noise, the validation noise")
+    init_from: str | None = setting(
+        None, "a saved PokeSprite model (folder or Hub id) to start from instead of fresh weights: the model: block "
+              "must build its architecture (the latent flow's flow stage starts from its autoencoder stage)")
     ema_decay: float = setting(0.995, "0 turns the exponential moving average off; the saved model holds the EMA weights")
     max_nonfinite_steps: int = setting(10, "stop after this many non-finite losses in a row")
     checkpointing_steps: int = setting(500, "save a checkpoint (and validate) every this many steps")
@@ -181,6 +184,7 @@ class TrainingArguments(Checked):
         self._integer("checkpoints_total_limit", 1, null="to keep every checkpoint")
         warmup = self._integer("lr_warmup_steps", 0)
         self._integer("seed", 0, 2**32 - 1)  # numpy's seeds end there
+        self._text("init_from", null=True)
         lr = self._number("learning_rate", 0, low_open=True)
         weight_decay = self._number("weight_decay", 0)
         self._number("max_grad_norm", 0, low_open=True)
@@ -288,6 +292,8 @@ def _model_argument(f, docs=_config_docs()):
     kind = f.type
     if f.name == "generator_type":
         kind = Literal[GENERATOR_TYPES]
+    elif f.name == "latent_flow_stage":
+        kind = Literal[LATENT_FLOW_STAGES]
     elif isinstance(f.default, (list, tuple)):
         kind = list[int]
     help = docs.get(f.name, f"PokeSpriteConfig.{f.name}").replace("%", "%%")

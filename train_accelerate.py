@@ -537,7 +537,9 @@ read them first, and pin a `revision` so that later pushes cannot change the cod
 - steps: {{ step }}, batch size {{ t.train_batch_size }} per process, gradient accumulation {{ t.gradient_accumulation_steps }}
 - AdamW, learning rate {{ t.learning_rate }}, weight decay {{ t.weight_decay }}, {{ t.lr_scheduler }} schedule with {{ t.lr_warmup_steps }} warm-up steps
 - mixed precision: {{ t.mixed_precision }}; EMA decay: {{ t.ema_decay }}
-
+{% if generator_type == 'latent-flow' %}- latent_flow_stage: {{ stage }}
+{% endif %}{% if init_from %}- started from the weights of `{{ init_from }}`
+{% endif %}
 ## Results
 
 | metric | value |
@@ -635,6 +637,7 @@ def save_model_card(output_dir, settings, metrics, dataset, text_encoder, prompt
         text_encoder_note=local_note(text_encoder, encoder_name), frozen=model.freeze_text_encoder,
         dataset=dataset_name, dataset_note=local_note(dataset, dataset_name), step=metrics.get("step"), t=t,
         rows=rows, objective=GENERATORS[generator_type].objective, licence_text=licence_text,
+        init_from=t.init_from and PokeSpriteModel.shareable_name(t.init_from), stage=model.latent_flow_stage,
         pokemon=licence.get("license_name") == POKEMON_LICENSE_NAME,
     )
     card.save(Path(output_dir) / "README.md")
@@ -750,10 +753,31 @@ def build_model(accelerator, settings):
         model = PokeSpriteModel.from_text_encoder(text_encoder, **{k: v for k, v in settings.model_keywords.items() if k != "model_name"})
     except OSError as e:  # a folder with a config and a tokenizer but no weights
         raise PreflightError(f"text encoder {text_encoder!r} does not load: {str(e).splitlines()[0]}")
+    if settings.training.init_from:
+        start_from(model, settings.training.init_from)
     set_seed(seed, device_specific=True)
     if use_channels_last(accelerator.device, settings.training.channels_last):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def start_from(model, name):
+    """The weights of a saved PokeSprite model (folder or Hub id) in place of the fresh ones (`--init_from`): a later
+    stage starts where an earlier run stopped. Every weight must be there with its shape: the model: block has to
+    build the saved model's architecture, whatever else (what trains, the loss, the sampler) it changes."""
+    try:
+        saved = PokeSpriteModel.from_pretrained(name).state_dict()
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"--init_from {name!r} does not load: {str(e).strip().splitlines()[0]}")
+    for key, tensor in model.state_dict().items():
+        if key not in saved or saved[key].shape != tensor.shape:
+            found = "missing" if key not in saved else f"of shape {tuple(saved[key].shape)}"
+            raise PreflightError(f"--init_from {name!r} is another architecture than the model: block builds: its {key} is "
+                                 f"{found}, not of shape {tuple(tensor.shape)}")
+    extra = sorted(set(saved) - set(model.state_dict()))
+    if extra:
+        raise PreflightError(f"--init_from {name!r} is another architecture than the model: block builds: it has {extra[0]}, which this model lacks")
+    model.load_state_dict(saved)
 
 
 def cached_text_features(model, train, val):

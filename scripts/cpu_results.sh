@@ -11,6 +11,8 @@
 #                           schedule, in $RUN-120; resumable like TRAIN=1)
 #   LATENT=1                also train and evaluate the latent-flow row: cpu.yaml with --generator_type latent-flow,
 #                           4,800 steps (an hour at its speed; in $RUN-latent, resumable)
+#   STAGED=1                also the latent flow in two stages (an hour in all): its autoencoder alone in $RUN-ae,
+#                           then the flow on the frozen latents in $RUN-staged (--init_from $RUN-ae), evaluated
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/pokemon} RUN=${RUN:-outputs/cpu} EVAL=${EVAL:-outputs/eval} STEPS=${STEPS:-"1750 3500 7000"}
@@ -56,11 +58,15 @@ if [ "${DECODER:-0}" = 1 ]; then
     --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt --out "$EVAL/decoder"
 fi
 extra_rows=()
-extra_row() {  # extra_row OUTPUT_DIR ROW FLAGS...: cpu.yaml with FLAGS trained into OUTPUT_DIR (resumable), evaluated as ROW
-  local run=$1 row=$2; shift 2
+train_run() {  # train_run OUTPUT_DIR FLAGS...: cpu.yaml with FLAGS trained into OUTPUT_DIR (resumable; skipped once saved)
+  local run=$1; shift
   local resume=(); [ -d "$run" ] && resume=(--resume latest)
   [ -f "$run/model.safetensors" ] || accelerate launch --num_processes 1 --cpu train_accelerate.py \
     --config config/cpu.yaml --text_encoder "$MINILM" "$@" --output_dir "$run" "${resume[@]}"
+}
+extra_row() {  # extra_row OUTPUT_DIR ROW FLAGS...: train_run OUTPUT_DIR FLAGS..., then evaluate the model as ROW
+  local run=$1 row=$2; shift 2
+  train_run "$run" "$@"
   # shellcheck disable=SC2086  # SAMPLING is a list of flags
   [ -f "$EVAL/$row/eval.json" ] || python evaluate_model.py --model "$run" --dataset data/pokesprite \
     --num_prompts 167 --seeds 4 --new_descriptions docs/new_descriptions.txt $SAMPLING --out "$EVAL/$row"
@@ -68,6 +74,12 @@ extra_row() {  # extra_row OUTPUT_DIR ROW FLAGS...: cpu.yaml with FLAGS trained 
 }
 [ "${LONG:-0}" = 1 ] && extra_row "$RUN-120" flow-120min --max_train_steps 14000 --checkpointing_steps 500
 [ "${LATENT:-0}" = 1 ] && extra_row "$RUN-latent" latent-flow-60min --generator_type latent-flow --max_train_steps 4800
+if [ "${STAGED:-0}" = 1 ]; then  # the autoencoder alone (about 10 minutes), then the flow on its frozen latents (50)
+  train_run "$RUN-ae" --generator_type latent-flow --latent_flow_stage autoencoder --max_train_steps 1800 \
+    --ema_decay 0.99 --lr_warmup_steps 100 --validation_steps 600 --checkpointing_steps 600
+  extra_row "$RUN-staged" latent-flow-staged-60min --generator_type latent-flow --latent_flow_stage flow \
+    --init_from "$RUN-ae" --flow_logit_mean 0.25 --max_train_steps 5200
+fi
 for step in $STEPS; do
   export_step "$step"
   # shellcheck disable=SC2086  # SAMPLING is a list of flags

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfig
 
 LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels")
-FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder", "unet_symmetric"]
+FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder", "unet_symmetric",
+          "latent_flow_stage"]
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.lists(st.integers(-4, 64), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
@@ -22,6 +23,7 @@ ANY_VALUE = st.one_of(
     ("noise_dim", 0), ("num_attention_heads", 2.5), ("num_inference_steps", True), ("text_dropout", 1.5), ("eta", math.nan),
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
     ("unet_symmetric", 1), ("latent_channels", 0), ("autoencoder_channels", []), ("autoencoder_channels", [16, 0]),
+    ("latent_flow_stage", None), ("latent_flow_stage", "vae"),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
     with pytest.raises(ValueError) as error:

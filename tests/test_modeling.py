@@ -123,6 +123,10 @@ def test_training_forward_returns_a_finite_loss_and_its_terms(make_model, tokeni
     input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
     output = model(input_ids, attention_mask, pixel_values=sprites(2))
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    if generator_type == "latent-flow":  # its one-step estimate is decoded in eval mode only
+        assert output.images is None
+        with torch.no_grad():
+            output.images = model.eval()(input_ids, attention_mask, pixel_values=sprites(2)).images
     assert output.images.shape == (2, 4, 64, 64)
     assert output.images.min() >= -1 and output.images.max() <= 1
     if generator_type == "latent-flow":  # the autoencoder's reconstruction error, logged beside the loss
@@ -341,6 +345,39 @@ def test_latent_flow_trains_its_autoencoder_by_reconstruction_only(make_model, t
     model.zero_grad()
     model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps).loss.backward()
     assert ae.encoder[0].weight.grad.abs().sum() > 0 and ae.decoder[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "flow"])
+def test_latent_flow_stages_train_only_their_part(stage, tokenizer):
+    """"autoencoder": only the autoencoder learns, by reconstruction; "flow": everything but the autoencoder, by the
+    flow loss alone. requires_grad says so (the optimizer and DDP see only what trains), and the gradients agree."""
+    model = stand_in_for_training(PokeSpriteModel(tiny_config("latent-flow", latent_flow_stage=stage))).train()
+    ae = model.unet.autoencoder
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    pixel_values, noise = sprites(2), model.make_noise(2, seeded(0))
+    timesteps = model.generator.draw_timesteps(2, seeded(1))
+    torch.manual_seed(0)  # the text encoder's dropout and the caption dropout: the same draws as `joint`'s below
+    output = model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+    output.loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    with_gradient = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    in_autoencoder = {name for name, _ in model.named_parameters() if name.startswith("unet.autoencoder.")}
+    if stage == "autoencoder":
+        assert trained == with_gradient == in_autoencoder
+        error = ae.decode(ae.encode(pixel_values)) - pixel_values
+        torch.testing.assert_close(output.loss, error.abs().mean() + error.pow(2).mean())
+        torch.testing.assert_close(output.l1_loss, error.abs().mean())
+    else:
+        assert not trained & in_autoencoder and "unet.conv_in.weight" in with_gradient and "null_tokens" in trained
+        assert with_gradient <= trained and output.l1_loss is None and output.mse_loss is None
+        latents = ae.encode(pixel_values)
+        joint = PokeSpriteModel(tiny_config("latent-flow")).train()
+        joint.load_state_dict(model.state_dict())
+        with torch.no_grad():  # the same flow term as the joint loss, without the reconstruction's
+            torch.manual_seed(0)
+            out = joint(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+        error = ae.decode(latents) - pixel_values
+        torch.testing.assert_close(output.loss, out.loss - (error.abs().mean((1, 2, 3)) + error.pow(2).mean((1, 2, 3))).mean())
 
 
 def test_latent_flow_sprites_are_the_decoded_latents(make_model, tokenizer):

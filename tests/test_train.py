@@ -137,9 +137,9 @@ def decoder_run(colour_dataset_dir, tmp_path_factory):
     return output_dir
 
 
-def train_tiny_flow(colour_dataset_dir, tmp_path_factory, generator_type, **model):
+def train_tiny_flow(colour_dataset_dir, tmp_path_factory, generator_type, *flags, **model):
     """A flow generator of `generator_type` at a tiny width in cpu.yaml's symmetric layout with these model
-    settings, 300 steps of 16 sprites."""
+    settings, 300 steps of 16 sprites; `flags` are added to (and override) the command's."""
     output_dir = tmp_path_factory.mktemp(generator_type) / "run"
     config = output_dir.parent / f"{generator_type}.yaml"
     cfg = yaml.safe_load(TINY.read_text())
@@ -148,7 +148,7 @@ def train_tiny_flow(colour_dataset_dir, tmp_path_factory, generator_type, **mode
     train(colour_dataset_dir, output_dir, "--config", config, "--generator_type", generator_type, "--max_train_steps", 300,
           "--train_batch_size", 16, "--learning_rate", 3e-3, "--lr_scheduler", "constant_with_warmup",
           "--lr_warmup_steps", 10, "--validation_steps", 100, "--checkpointing_steps", 1000, "--ema_decay", 0.98,
-          "--report_to", "tensorboard")
+          "--report_to", "tensorboard", *flags)
     return output_dir
 
 
@@ -158,12 +158,29 @@ def flow_run(colour_dataset_dir, tmp_path_factory):
     return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "flow", unet_patch_size=2, unet_attention_resolutions=[8, 4])
 
 
+# the latent flow: an autoencoder from tiny.yaml's 32 px to 4 x 16 x 16 latents and the UNet on them (16/8/4 px, as
+# flow_run's on 2x2 patches)
+LATENT_SIZES = dict(unet_patch_size=2, unet_attention_resolutions=[8], latent_channels=4, autoencoder_channels=[8, 16])
+
+
 @pytest.fixture(scope="module")
 def latent_flow_run(colour_dataset_dir, tmp_path_factory):
-    """The latent flow: an autoencoder from tiny.yaml's 32 px to 4 x 16 x 16 latents and the UNet on them
-    (16/8/4 px, as flow_run's on 2x2 patches)."""
-    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "latent-flow", unet_patch_size=2,
-                           unet_attention_resolutions=[8], latent_channels=4, autoencoder_channels=[8, 16])
+    """The latent flow and its autoencoder trained together (latent_flow_stage "joint")."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "latent-flow", **LATENT_SIZES)
+
+
+@pytest.fixture(scope="module")
+def latent_autoencoder_run(colour_dataset_dir, tmp_path_factory):
+    """The first of the latent flow's two stages: its autoencoder alone, 150 steps."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "latent-flow", "--latent_flow_stage", "autoencoder",
+                           "--max_train_steps", 150, **LATENT_SIZES)
+
+
+@pytest.fixture(scope="module")
+def staged_latent_flow_run(colour_dataset_dir, tmp_path_factory, latent_autoencoder_run):
+    """The second stage: the flow alone, 300 steps on the frozen latents of latent_autoencoder_run's model."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "latent-flow", "--latent_flow_stage", "flow",
+                           "--init_from", latent_autoencoder_run, **LATENT_SIZES)
 
 
 # a run leaves checkpoints, logs, a model and a card
@@ -295,7 +312,7 @@ def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
     assert val[400] < 0.6 * val[0], val
 
 
-@pytest.mark.parametrize("run", ["flow_run", "latent_flow_run"])
+@pytest.mark.parametrize("run", ["flow_run", "latent_flow_run", "staged_latent_flow_run"])
 def test_flow_learns_validation_loss_falls_well_below_its_start(run, request):
     val = scalars(request.getfixturevalue(run) / LOGS)["val/loss"]
     assert sorted(val) == [0, 100, 200, 300]
@@ -310,7 +327,38 @@ def test_latent_flow_logs_its_autoencoders_reconstruction_error_falling(latent_f
     assert last < 0.5 * first, (first, last)
 
 
-@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "latent_flow_run"])
+def test_latent_flow_stage_starts_from_the_autoencoder_stage_and_keeps_its_autoencoder(latent_autoencoder_run,
+                                                                                       staged_latent_flow_run):
+    first, second = weights(latent_autoencoder_run / "model.safetensors"), weights(staged_latent_flow_run / "model.safetensors")
+    assert first.keys() == second.keys()
+    autoencoder = [k for k in first if k.startswith("unet.autoencoder.")]
+    assert autoencoder and all(torch.equal(first[k], second[k]) for k in autoencoder)
+    # the autoencoder stage trained nothing else; the flow stage trained the rest
+    fresh = PokeSpriteModel.from_pretrained(latent_autoencoder_run).config
+    assert fresh.latent_flow_stage == "autoencoder"
+    assert PokeSpriteModel.from_pretrained(staged_latent_flow_run).config.latent_flow_stage == "flow"
+    assert not torch.equal(first["unet.conv_in.weight"], second["unet.conv_in.weight"])
+    # the autoencoder learnt in its stage (its reconstruction error halved); the flow stage has no reconstruction term
+    l1 = scalars(latent_autoencoder_run / LOGS)["train/l1_loss"]
+    assert sum(l1[s] for s in range(141, 151)) < 0.5 * sum(l1[s] for s in range(1, 11)), l1
+    assert "train/l1_loss" not in scalars(staged_latent_flow_run / LOGS)
+
+
+@pytest.mark.parametrize("init_from, says", [("another-architecture", "is another architecture than the model: block builds: its unet."),
+                                             ("no-such-model", "does not load")])
+def test_init_from_a_model_that_does_not_fit_names_it_and_exits_nonzero(init_from, says, latent_autoencoder_run,
+                                                                       colour_dataset_dir, tmp_path, capsys):
+    model = latent_autoencoder_run if init_from == "another-architecture" else tmp_path / init_from
+    with pytest.raises(SystemExit) as exit_info:
+        train_accelerate.cli(["--config", str(TINY), "--dataset", str(colour_dataset_dir), "--text_encoder", str(MINILM),
+                              "--generator_type", "flow", "--init_from", str(model), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--init_from {str(model)!r}" in message and says in message, message
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "latent_flow_run", "staged_latent_flow_run"])
 def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
     model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()
     scores = {}
