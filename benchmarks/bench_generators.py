@@ -46,6 +46,10 @@ CONFIGS = {  # name: (YAML, what differs from it)
     "diffusion (previous default UNet)": (REPO_ROOT / "config" / "train_config.yaml", PREVIOUS_DEFAULT_UNET),
     "flow (cpu.yaml)": (REPO_ROOT / "config" / "cpu.yaml", {}),
     "latent-flow (cpu.yaml, --generator_type latent-flow)": (REPO_ROOT / "config" / "cpu.yaml", {"generator_type": "latent-flow"}),
+    "latent-flow, flow stage (frozen autoencoder)": (REPO_ROOT / "config" / "cpu.yaml",
+                                                     {"generator_type": "latent-flow", "latent_flow_stage": "flow"}),
+    "latent-flow, autoencoder stage": (REPO_ROOT / "config" / "cpu.yaml",
+                                       {"generator_type": "latent-flow", "latent_flow_stage": "autoencoder"}),
     "flow (train_config.yaml, GPU width)": (REPO_ROOT / "config" / "train_config.yaml", {}),
     "decoder (quickstart.yaml)": (REPO_ROOT / "config" / "quickstart.yaml", {}),
 }

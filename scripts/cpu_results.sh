@@ -78,7 +78,7 @@ if [ "${STAGED:-0}" = 1 ]; then  # the autoencoder alone (about 10 minutes), the
   train_run "$RUN-ae" --generator_type latent-flow --latent_flow_stage autoencoder --max_train_steps 1800 \
     --ema_decay 0.99 --lr_warmup_steps 100 --validation_steps 600 --checkpointing_steps 600
   extra_row "$RUN-staged" latent-flow-staged-60min --generator_type latent-flow --latent_flow_stage flow \
-    --init_from "$RUN-ae" --flow_logit_mean 0.25 --max_train_steps 5200
+    --init_from "$RUN-ae" --flow_logit_mean 0.25 --flow_shift 1.75 --max_train_steps 5200
 fi
 for step in $STEPS; do
   export_step "$step"
