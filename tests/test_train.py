@@ -342,6 +342,9 @@ def test_latent_flow_stage_starts_from_the_autoencoder_stage_and_keeps_its_autoe
     l1 = scalars(latent_autoencoder_run / LOGS)["train/l1_loss"]
     assert sum(l1[s] for s in range(291, 301)) < 0.5 * sum(l1[s] for s in range(1, 11)), l1
     assert "train/l1_loss" not in scalars(staged_latent_flow_run / LOGS)
+    # the card says how the model was made: the stage, and the model it started from (by its bare folder name)
+    card = (staged_latent_flow_run / "README.md").read_text()
+    assert "- latent_flow_stage: flow\n- started from the weights of `run`\n\n## Results" in card
 
 
 @pytest.mark.parametrize("init_from, says", [("another-architecture", "is another architecture than the model: block builds: its unet."),
