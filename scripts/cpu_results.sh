@@ -11,6 +11,8 @@
 #                           schedule, in $RUN-120; resumable like TRAIN=1)
 #   LATENT=1                also train and evaluate the latent-flow row: cpu.yaml with --generator_type latent-flow,
 #                           4,800 steps (an hour at its speed; in $RUN-latent, resumable)
+#   WIDE=1                  also cpu.yaml with a wider 16 px level (128/256/256 channels), 3,800 steps (an hour at
+#                           its speed; in $RUN-wide, resumable)
 #   STAGED=1                also the latent flow in two stages (an hour in all): its autoencoder alone in $RUN-ae,
 #                           then the flow on the frozen latents in $RUN-staged (--init_from $RUN-ae), evaluated
 set -euo pipefail
@@ -74,6 +76,7 @@ extra_row() {  # extra_row OUTPUT_DIR ROW FLAGS...: train_run OUTPUT_DIR FLAGS..
 }
 [ "${LONG:-0}" = 1 ] && extra_row "$RUN-120" flow-120min --max_train_steps 14000 --checkpointing_steps 500
 [ "${LATENT:-0}" = 1 ] && extra_row "$RUN-latent" latent-flow-60min --generator_type latent-flow --max_train_steps 4800
+[ "${WIDE:-0}" = 1 ] && extra_row "$RUN-wide" flow-wide-60min --unet_channels 128 256 256 --max_train_steps 3800
 if [ "${STAGED:-0}" = 1 ]; then  # the autoencoder alone (about 10 minutes), then the flow on its frozen latents (50)
   train_run "$RUN-ae" --generator_type latent-flow --latent_flow_stage autoencoder --max_train_steps 1800 \
     --ema_decay 0.99 --lr_warmup_steps 100 --validation_steps 600 --checkpointing_steps 600
