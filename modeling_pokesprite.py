@@ -167,18 +167,31 @@ class PokeSpriteUpBlock(nn.Module):
         return self.attention(x, tokens, mask, need_weights)
 
 
-class PokeSpriteDecoder(nn.Module):
-    """The original generator: noise plus pooled text -> a 4x4 map of `base_channels` -> upsampling blocks ->
-    `image_size` pixels in [-1, 1], in one pass. Trained with L1 + MSE reconstruction plus attention coverage."""
+class PokeSpriteGenerator(nn.Module):
+    """What every generator tells PokeSpriteModel and the trainer about itself. Each subclass adds its `loss` (for
+    training) and `sample` (from noise to sprites), and `GENERATORS` below maps `generator_type` to it."""
 
-    attribute_name = "decoder"  # where PokeSpriteModel keeps it: the prefix of its weights in model.safetensors
+    attribute_name = None  # where PokeSpriteModel keeps it: the prefix of its weights in model.safetensors
+    objective = None  # the training objective, in words, for the model card
+    uses_guidance = True  # iterative with classifier-free guidance: guidance_scale and the sampler settings apply
     trains_text = True  # the token transformer (and the empty prompt) learn with it
-    objective = "L1 + MSE + attention coverage"  # for the model card
-    uses_guidance = False
+    init_required = None  # why a run must start from a trained model's weights (--init_from), when it must
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+
+
+class PokeSpriteDecoder(PokeSpriteGenerator):
+    """The original generator: noise plus pooled text -> a 4x4 map of `base_channels` -> upsampling blocks ->
+    `image_size` pixels in [-1, 1], in one pass. Trained with L1 + MSE reconstruction plus attention coverage."""
+
+    attribute_name = "decoder"
+    objective = "L1 + MSE + attention coverage"
+    uses_guidance = False
+
+    def __init__(self, config):
+        super().__init__(config)
         self.text_proj = nn.Linear(config.hidden_size, config.text_embedding_dim)
         self.fc = nn.Linear(config.noise_dim + config.text_embedding_dim, config.base_channels * 16)
         blocks, channels, resolution = [], config.base_channels, 4
@@ -315,7 +328,7 @@ class PokeSpriteUNetLevel(nn.Module):
         self.resample = resample
 
 
-class PokeSpriteUNet(nn.Module):
+class PokeSpriteUNet(PokeSpriteGenerator):
     """A DDPM-style UNet over a noisy sprite, its noise level and the text; the two iterative generators below
     subclass it with their own objective and sampler.
 
@@ -330,14 +343,11 @@ class PokeSpriteUNet(nn.Module):
     """
 
     attribute_name = "unet"
-    uses_guidance = True
-    trains_text = True
 
     def __init__(self, config, in_channels=None):
         """`in_channels`: the UNet works on maps of that many channels at image_size / unet_patch_size px (the
         latent flow's latents) instead of on the sprite folded into patches."""
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         channels, n, p = config.unet_channels, config.unet_layers_per_block, config.unet_patch_size
         self.fold = in_channels is None and p > 1
         self.base = channels[0]
@@ -592,6 +602,8 @@ class PokeSpriteLatentFlow(PokeSpriteFlow):
         # requires_grad tells the optimizer (and DDP) what this stage trains
         if self.stage == "flow":
             self.autoencoder.requires_grad_(False)
+            self.init_required = ("latent_flow_stage 'flow' keeps the autoencoder frozen, so it must start trained: "
+                                  "start from the autoencoder stage's model")
         if self.stage == "autoencoder":
             for name, module in self.named_children():
                 module.requires_grad_(name == "autoencoder")

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
+from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 from attention_maps import attention_figure, attention_for_prompt, sprite_grid
 from configuration_pokesprite import PokeSpriteConfig
@@ -755,6 +756,8 @@ def build_model(accelerator, settings):
         raise PreflightError(f"text encoder {text_encoder!r} does not load: {str(e).splitlines()[0]}")
     if settings.training.init_from:
         start_from(model, settings.training.init_from)
+    elif model.generator.init_required:
+        raise PreflightError(f"{model.generator.init_required} (--init_from MODEL)")
     set_seed(seed, device_specific=True)
     if use_channels_last(accelerator.device, settings.training.channels_last):
         model = model.to(memory_format=torch.channels_last)
@@ -765,8 +768,8 @@ def start_from(model, name):
     """The weights of a saved PokeSprite model (folder or Hub id) in place of the fresh ones (`--init_from`): a later
     stage starts where an earlier run stopped. Every weight must be there with its shape: the model: block has to
     build the saved model's architecture, whatever else (what trains, the loss, the sampler) it changes."""
-    try:
-        saved = PokeSpriteModel.from_pretrained(name).state_dict()
+    try:  # the weights file alone: building the saved model (its BERT included) only to read them would load twice
+        saved = load_file(cached_file(name, SAFE_WEIGHTS_NAME))
     except (OSError, ValueError) as e:
         raise PreflightError(f"--init_from {name!r} does not load: {str(e).strip().splitlines()[0]}")
     for key, tensor in model.state_dict().items():

@@ -361,6 +361,19 @@ def test_init_from_a_model_that_does_not_fit_names_it_and_exits_nonzero(init_fro
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_latent_flow_stage_without_init_from_is_refused_before_training(colour_dataset_dir, tmp_path, capsys):
+    # the flow stage freezes the autoencoder: from fresh weights it would train on random latents, and say nothing
+    with pytest.raises(SystemExit) as exit_info:
+        train_accelerate.cli(["--config", str(TINY), "--dataset", str(colour_dataset_dir), "--text_encoder", str(MINILM),
+                              "--generator_type", "latent-flow", "--latent_flow_stage", "flow",
+                              "--unet_patch_size", "2", "--unet_attention_resolutions", "8", "--latent_channels", "4",
+                              "--autoencoder_channels", "8", "16", "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "latent_flow_stage 'flow'" in message and "--init_from" in message, message
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]  # refused before any step or log
+
+
 @pytest.mark.parametrize("run", ["decoder_run", "flow_run", "latent_flow_run", "staged_latent_flow_run"])
 def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
     model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()
