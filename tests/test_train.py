@@ -361,6 +361,26 @@ def test_init_from_a_model_that_does_not_fit_names_it_and_exits_nonzero(init_fro
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_ema_warmup_forgets_the_untrained_start_and_then_decays_at_the_set_rate():
+    from torch.optim.swa_utils import AveragedModel
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.zero_()  # the untrained start, copied by the first update
+    ema = AveragedModel(model, multi_avg_fn=train_accelerate.ema_with_warmup(0.999), use_buffers=True)
+    ema.update_parameters(model)
+    model.weight.data.fill_(1.0)  # the trained weights
+    for _ in range(1750):
+        ema.update_parameters(model)
+    # a fixed 0.999 would still hold 0.999 ** 1750 = 17% of the start
+    assert ema.module.weight.item() > 0.999
+    # once (1 + n) / (10 + n) passes the set decay, each update moves by 1 - decay
+    for _ in range(9000 - 1751):
+        ema.update_parameters(model)
+    model.weight.data.fill_(2.0)
+    before = ema.module.weight.item()
+    ema.update_parameters(model)
+    assert ema.module.weight.item() - before == pytest.approx(0.001 * (2.0 - before), rel=1e-3)
+
+
 def test_latent_flow_stage_without_init_from_is_refused_before_training(colour_dataset_dir, tmp_path, capsys):
     # the flow stage freezes the autoencoder: from fresh weights it would train on random latents, and say nothing
     with pytest.raises(SystemExit) as exit_info:
