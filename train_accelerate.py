@@ -537,7 +537,7 @@ read them first, and pin a `revision` so that later pushes cannot change the cod
 - dataset: `{{ dataset }}`{{ ' (%s)' % dataset_note if dataset_note else '' }}
 - steps: {{ step }}, batch size {{ t.train_batch_size }} per process, gradient accumulation {{ t.gradient_accumulation_steps }}
 - AdamW, learning rate {{ t.learning_rate }}, weight decay {{ t.weight_decay }}, {{ t.lr_scheduler }} schedule with {{ t.lr_warmup_steps }} warm-up steps
-- mixed precision: {{ t.mixed_precision }}; EMA decay: {{ t.ema_decay }} (capped at (1 + n) / (10 + n) over the first n updates)
+- mixed precision: {{ t.mixed_precision }}; EMA decay: {{ t.ema_decay }}{% if t.ema_decay %} (capped at (1 + n) / (10 + n) over the first n updates){% endif %}
 {% if generator_type == 'latent-flow' %}- latent_flow_stage: {{ stage }}
 {% endif %}{% if init_from %}- started from the weights of `{{ init_from }}`
 {% endif %}
