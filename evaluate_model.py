@@ -13,10 +13,15 @@ the definition and its limits):
 - colour agreement: a fixed, non-learned colour namer against the dataset's `color` column (when it has one);
 - Fréchet distance and KID to the real validation sprites, in a fixed feature space (Inception with
   `--inception_weights`);
-- L1 / SSIM to the true validation sprite of each caption.
+- L1 / SSIM to the true validation sprite of each caption;
+- training fit (`--train_prompts`, models only): drawn from the first training captions with seed 0, the share of
+  sprites whose nearest training sprite (or its mirror image) is their own, and their L1 / SSIM to it. A model
+  that cannot redraw the sprites it was trained on will not draw coherent new ones (RESULTS.md: a model that
+  scored well on every validation metric drew mottled blobs, and redrew none of its training sprites).
 
-It writes `eval.json` and sample sheets (columns = prompts, rows = seeds): `validation-prompts.png`, and
-`new-descriptions.png` for the descriptions in `--new_descriptions`.
+It writes `eval.json` and sample sheets (columns = prompts, rows = seeds): `validation-prompts.png`,
+`new-descriptions.png` for the descriptions in `--new_descriptions`, and `training-prompts.png` (the sprites drawn
+from training captions above the training sprites themselves).
 
 `--reference` scores what a model is measured against, through the same metrics, instead of a model:
 
@@ -68,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--sheet_prompts", type=int, default=32, help="captions across each sample sheet")
     parser.add_argument("--new_descriptions", default=None,
                         help="a prompts file, as generate.py's --prompts_file: one description per line (# comments)")
+    parser.add_argument("--train_prompts", type=int, default=64,
+                        help="models only: training captions to redraw for the training-fit scores (0: skip)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--eta", type=config_range("eta"), default=None,
@@ -159,6 +166,26 @@ def compute_metrics(splits, sprites_for, tokenizer, config, num_prompts=128, see
     return metrics, per_seed
 
 
+def training_fit(model, splits, tokenizer, config, num_prompts, sheet_prompts=32, batch_size=256, **sampling):
+    """The training-fit scores of the module docstring, and the sheet: drawn sprites above the training sprites."""
+    train_split = splits["train"].select(range(min(num_prompts, len(splits["train"]))))
+    train = split_to_tensors(splits["train"], tokenizer, config)["pixels"].float() / 255
+    own = train[: len(train_split)]
+    drawn = generate_per_seed(model, list(train_split["text"]), 1, batch_size, **sampling)[0]
+    metrics = {"fit/nearest_is_own": nearest_is_own(drawn, train)}
+    metrics.update(prefixed("fit", evaluate.load(str(METRICS_DIR / "reconstruction")).compute(predictions=drawn, references=own)))
+    return metrics, sample_sheet([drawn, own], min(sheet_prompts, len(own)))
+
+
+def nearest_is_own(drawn, train):
+    """The share of sprites drawn[i] whose nearest training sprite is train[i] or its mirror image (the trainer
+    flips sprites at random, so a mirrored redraw is as much its own)."""
+    nearest = evaluate.load(str(METRICS_DIR / "memorisation")).compute(
+        predictions=drawn, references=train[: len(drawn)], train_images=torch.cat([train, train.flip(-1)]),
+        return_per_sample=True)["nearest_train_index"]
+    return ((torch.tensor(nearest) % len(train)) == torch.arange(len(drawn))).float().mean().item()
+
+
 def prefixed(prefix, results):
     """Scalar results only (confusion tables and the like stay in the module's own output)."""
     return {f"{prefix}/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
@@ -193,6 +220,11 @@ def main(argv=None):
     metrics.update(about)
     metrics.update(sampling)
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
+    if args.model and args.train_prompts > 0:
+        fit, sheet = training_fit(model, splits, tokenizer, config, args.train_prompts, args.sheet_prompts,
+                                  args.batch_size, **sampling)
+        metrics.update(fit)
+        sheet.save(out / "training-prompts.png")
     if descriptions:
         new = generate_per_seed(model, descriptions, 2, args.batch_size, **sampling)
         sample_sheet(new, len(descriptions)).save(out / "new-descriptions.png")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 import evaluate_model
 from configuration_pokesprite import PokeSpriteConfig
@@ -31,6 +32,14 @@ def test_real_and_mean_references_are_the_true_sprites_and_the_average_one():
     assert torch.equal(real[0], val) and torch.equal(real[1], val[[1, 2, 0]])  # other seeds: other captions' sprites
     mean = evaluate_model.reference_per_seed("mean", CAPTIONS[:3], val, train, 2)
     assert all(torch.allclose(m, train.mean(0)) for per_seed in mean for m in per_seed)
+
+
+def test_training_fit_counts_a_redrawn_or_mirrored_sprite_as_its_own_and_a_neighbours_as_not():
+    train = torch.rand(6, 4, 64, 64)
+    assert evaluate_model.nearest_is_own(train[:4], train) == 1
+    assert evaluate_model.nearest_is_own(train[:4].flip(-1), train) == 1
+    assert evaluate_model.nearest_is_own((train[:4] + 0.05 * torch.randn(4, 4, 64, 64)).clamp(0, 1), train) == 1
+    assert evaluate_model.nearest_is_own(train[[1, 0, 2, 5]], train) == 0.25  # only the third is in its place
 
 
 def run(tmp_path, *flags):
@@ -65,13 +74,16 @@ def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_
     model.tokenizer.save_pretrained(tmp_path / "model")
     metrics, out = run(tmp_path, "--model", tmp_path / "model", "--dataset", synthetic_dataset_dir,
                        "--new_descriptions", evaluate_model.Path(__file__).parents[1] / "docs" / "new_descriptions.txt",
-                       "--num_inference_steps", "3", "--flow_shift", "3")
+                       "--num_inference_steps", "3", "--flow_shift", "3", "--train_prompts", "5")
     assert metrics["generator_type"] == "flow" and metrics["num_inference_steps"] == 3 and metrics["flow_shift"] == 3
     assert metrics["seconds_per_sprite"] > 0
     for key in ("diversity/diversity", "memorisation/nn_ratio", "colour/accuracy", "frechet/frechet_distance",
-                "frechet/kid", "reconstruction/l1"):
+                "frechet/kid", "reconstruction/l1", "fit/l1", "fit/ssim"):
         assert key in metrics, key
-    assert (out / "validation-prompts.png").is_file() and (out / "new-descriptions.png").is_file()
+    assert metrics["fit/nearest_is_own"] in {k / 5 for k in range(6)}  # of the 5 training captions asked for
+    for sheet in ("validation-prompts.png", "new-descriptions.png", "training-prompts.png"):
+        assert (out / sheet).is_file(), sheet
+    assert Image.open(out / "training-prompts.png").size == (5 * 66 + 2, 2 * 66 + 2)  # 2 px gaps; drawn above the real
 
 
 # the options and the inputs, checked before anything slow
