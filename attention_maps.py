@@ -87,7 +87,7 @@ def attention_for_prompt(model, prompt, seed=0, **sampling):
 
     Uses `model(..., output_attentions=True)`, so it works for all generator types: the decoder's attention in
     its one pass, an iterative generator's averaged over the sampling steps. `sampling` (guidance_scale,
-    num_inference_steps, eta, flow_shift) goes to the sampler, as in `model.generate`.
+    num_inference_steps, eta, flow_shift, epsilon_scaling) goes to the sampler, as in `model.generate`.
 
     The prompt is tokenised by `model.tokenize`, as `model.generate` tokenises it, and the panels are labelled with
     `model.tokenizer`'s tokens.

@@ -28,7 +28,7 @@ INT_MINIMUMS = {
 }
 FLOAT_RANGES = {
     "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
-    "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "flow_shift": (0.1, 20), "flow_logit_mean": (-3, 3),
+    "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "flow_shift": (0.1, 20), "epsilon_scaling": (0.5, 2), "flow_logit_mean": (-3, 3),
     "initializer_range": (0, math.inf),
 }
 
@@ -95,6 +95,12 @@ class PokeSpriteConfig(PretrainedConfig):
         flow_shift (`float`, 1.0): the flows only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
             so that s > 1 spends more of them at high noise, where the layout of a sprite is decided (SD3's time
             shift, diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`); 1 spaces them evenly.
+        epsilon_scaling (`float`, 1.0): the iterative generators: at each sampling step the noise implied by the
+            network's estimate is divided by this before the next step ("epsilon scaling", Ning et al., 2024,
+            "Elucidating the Exposure Bias in Diffusion Models"; ComfyUI's EpsilonScaling node). The network was trained
+            on real sprites plus noise but samples from its own estimates, whose errors it reads as detail and adds
+            up over the steps: a little above 1 stops that, which is what turned mottled bodies into flat colours
+            (RESULTS.md: "Exposure bias"). 1 samples as before.
     """
 
     model_type = "pokesprite"
@@ -139,6 +145,7 @@ class PokeSpriteConfig(PretrainedConfig):
     eta: float = 0.0
     flow_logit_mean: float = 0.0
     flow_shift: float = 1.0
+    epsilon_scaling: float = 1.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

@@ -82,6 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--flow_shift", type=config_range("flow_shift"), default=None,
                         help="flow and latent-flow models (the others ignore it): shift the Euler steps towards high noise "
                              "(PokeSpriteConfig.flow_shift); default: the model's")
+    parser.add_argument("--epsilon_scaling", type=config_range("epsilon_scaling"), default=None,
+                        help="iterative generators only: divide the noise each step carries on by this "
+                             "(PokeSpriteConfig.epsilon_scaling); default: the model's")
     parser.add_argument("--inception_weights", default=None, help="torchvision inception_v3 state_dict for real FID")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -204,7 +207,7 @@ def main(argv=None):
         if model.uses_guidance:
             sampling = sampling_options(model, guidance_scale=args.guidance_scale,
                                         num_inference_steps=args.num_inference_steps, eta=args.eta,
-                                        flow_shift=args.flow_shift)
+                                        flow_shift=args.flow_shift, epsilon_scaling=args.epsilon_scaling)
         tokenizer, config = model.tokenizer, model.config
         sprites_for = lambda prompts, seeds, val, train: generate_per_seed(model, prompts, seeds, args.batch_size, **sampling)
         about = {"model": args.model, "generator_type": model.config.generator_type}

@@ -78,6 +78,9 @@ def parse_args(argv=None):
     parser.add_argument("--flow_shift", type=config_range("flow_shift"),
                         help="flow and latent-flow models: > 1 spends more of the sampling steps at high noise (SD3's time shift; "
                              "default: the model's); diffusion models ignore it")
+    parser.add_argument("--epsilon_scaling", type=config_range("epsilon_scaling"),
+                        help="iterative models: divide the noise each step carries on by this; a little above 1 counters "
+                             "exposure bias, mottled bodies (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                         help="no progress bar over the sampling steps (for logs)")
@@ -394,9 +397,12 @@ def main(argv=None):
     sampling = {}
     if uses_guidance(model):
         sampling = sampling_options(model, guidance_scale=args.guidance_scale,
-                                    num_inference_steps=args.num_inference_steps, eta=args.eta, flow_shift=args.flow_shift)
-    elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.eta, args.flow_shift)):
-        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')}, --eta and --flow_shift apply to "
+                                    num_inference_steps=args.num_inference_steps, eta=args.eta, flow_shift=args.flow_shift,
+                                    epsilon_scaling=args.epsilon_scaling)
+    elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.eta, args.flow_shift,
+                                             args.epsilon_scaling)):
+        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')}, --eta, --flow_shift and "
+              f"--epsilon_scaling apply to "
               f"models that sample in steps with guidance; this {model.config.generator_type} model "
               f"makes a sprite in one pass, so they are ignored", file=sys.stderr)
     options = progress_option(model.generate, args.progress)

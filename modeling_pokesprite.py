@@ -447,8 +447,8 @@ class PokeSpriteUNet(PokeSpriteGenerator):
             out = null + guidance_scale * (text - null)
         return out, [a[:b].float() for a in attentions]
 
-    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, flow_shift=1.0, generator=None,
-               output_attentions=False, progress_bar=False):
+    def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, flow_shift=1.0, epsilon_scaling=1.0,
+               generator=None, output_attentions=False, progress_bar=False):
         """From pure noise to a sprite in `num_inference_steps` calls of the UNet at the subclass's
         `sampling_times`, each followed by its `step`. Cross-attention weights are averaged over the steps."""
         x = noise.float()
@@ -457,7 +457,7 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         for i in tqdm(range(num_inference_steps), desc="sampling", leave=False, disable=not progress_bar):
             out, attentions = self.predict(x, times[i], tokens, mask, guidance_scale, output_attentions)
             last = i == num_inference_steps - 1
-            x = self.step(x, out, times[i], times[i + 1], last, eta, generator)
+            x = self.step(x, out, times[i], times[i + 1], last, eta, epsilon_scaling, generator)
             if output_attentions:
                 attentions = [a / num_inference_steps for a in attentions]
                 attention_sums = attentions if attention_sums is None else [s + a for s, a in zip(attention_sums, attentions)]
@@ -488,14 +488,14 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
         # flow_shift: flow only; DDIM's steps are evenly spaced
         return torch.linspace(self.config.num_train_timesteps - 1, 0, steps + 1, device=device).round().long()
 
-    def step(self, x, v, t, t_next, last, eta, generator):
+    def step(self, x, v, t, t_next, last, eta, epsilon_scaling, generator):
         T = self.config.num_train_timesteps
         b = x.shape[0]
         alpha, sigma = cosine_alpha_sigma(t.expand(b), T)
         x0 = (alpha * x - sigma * v).clamp(-1, 1)
         if last:
             return x0
-        eps = (x - alpha * x0) / sigma
+        eps = (x - alpha * x0) / sigma / epsilon_scaling
         alpha_next, sigma_next = cosine_alpha_sigma(t_next.expand(b), T)
         # eta = 0: deterministic DDIM; eta = 1: the DDPM posterior's noise level
         noise_scale = eta * (sigma_next / sigma) * (1 - (alpha / alpha_next) ** 2).clamp(min=0).sqrt()
@@ -544,14 +544,15 @@ class PokeSpriteFlow(PokeSpriteUNet):
     def predict(self, x, t, tokens, mask, guidance_scale, need_weights):
         return super().predict(x, t * self.config.num_train_timesteps, tokens, mask, guidance_scale, need_weights)
 
-    def step(self, x, x0, t, t_next, last, eta, generator):
+    def step(self, x, x0, t, t_next, last, eta, epsilon_scaling, generator):
         x0 = x0.clamp(-1, 1)
-        if eta == 0:  # Euler along the velocity; at t_next = 0 this lands exactly on x0
+        if eta == 0 and epsilon_scaling == 1:  # Euler along the velocity; at t_next = 0 this lands exactly on x0
             return x + (t_next - t) * self.velocity(x, x0, t.expand(x.shape[0]))
-        # DDIM's eta on the straight path: the Euler step is x_next = (1 - t_next) x0 + t_next noise_hat, and eta
-        # swaps that share of noise_hat for fresh noise (1: all of it), which pulls a drifting trajectory back
-        # towards what the network was trained on (RESULTS.md: smoother, more compact sprites)
-        noise = (x - (1 - t) * x0) / t
+        # The Euler step written as x_next = (1 - t_next) x0 + t_next noise_hat. epsilon_scaling shrinks noise_hat,
+        # the noise the estimate implies, which also holds the estimate's own errors (PokeSpriteConfig). DDIM's eta
+        # swaps a share of it for fresh noise (1: all of it), which pulls a drifting trajectory back towards what the
+        # network was trained on (RESULTS.md: smoother, more compact sprites)
+        noise = (x - (1 - t) * x0) / t / epsilon_scaling
         return (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * noise + eta * fresh_noise(x.shape, generator, x.device))
 
 
@@ -795,6 +796,7 @@ class PokeSpriteModel(PreTrainedModel):
         num_inference_steps=None,
         eta=None,
         flow_shift=None,
+        epsilon_scaling=None,
         progress_bar=False,
         return_dict=True,
     ):
@@ -813,7 +815,7 @@ class PokeSpriteModel(PreTrainedModel):
         bert_hidden_states (`torch.FloatTensor` of shape `(batch, text_length, bert_hidden_size)`, *optional*): BERT's
             output for `input_ids`, computed once in advance. A frozen BERT gives the same features every epoch, so
             the trainer caches them instead of running BERT at every step.
-        guidance_scale, num_inference_steps, eta, flow_shift, progress_bar (iterative sampling only): as in
+        guidance_scale, num_inference_steps, eta, flow_shift, epsilon_scaling, progress_bar (iterative sampling only): as in
             `generate`; the config's by default, and no progress bar.
         """
         if attention_mask is None:
@@ -825,7 +827,7 @@ class PokeSpriteModel(PreTrainedModel):
             noise = torch.randn(self.generator.noise_shape(b), device=tokens.device)
         if pixel_values is None:
             output = self._sample(tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta,
-                                  flow_shift, output_attentions, progress_bar)
+                                  flow_shift, epsilon_scaling, output_attentions, progress_bar)
         else:
             if timesteps is None:
                 timesteps = self.generator.draw_timesteps(b)
@@ -847,12 +849,13 @@ class PokeSpriteModel(PreTrainedModel):
         return null_tokens, null_mask
 
     def _sample(self, tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, flow_shift,
-                output_attentions, progress_bar):
+                epsilon_scaling, output_attentions, progress_bar):
         if not self.uses_guidance:
             return self.generator.sample(tokens, mask, noise, output_attentions=output_attentions)
         c = self.config
         options = {"guidance_scale": c.guidance_scale if guidance_scale is None else guidance_scale,
-                   "eta": c.eta if eta is None else eta, "flow_shift": c.flow_shift if flow_shift is None else flow_shift}
+                   "eta": c.eta if eta is None else eta, "flow_shift": c.flow_shift if flow_shift is None else flow_shift,
+                   "epsilon_scaling": c.epsilon_scaling if epsilon_scaling is None else epsilon_scaling}
         for name, value in options.items():  # the config checks its own; a keyword out of range would give NaN sprites
             low, high = FLOAT_RANGES[name]
             if not low <= value <= high:
@@ -913,6 +916,7 @@ class PokeSpriteModel(PreTrainedModel):
         num_inference_steps=None,
         eta=None,
         flow_shift=None,
+        epsilon_scaling=None,
         output_type="pt",
         progress_bar=True,
     ):
@@ -920,9 +924,9 @@ class PokeSpriteModel(PreTrainedModel):
 
         Returns a `(batch * num_images_per_prompt, num_channels, image_size, image_size)` tensor in [0, 1], or a list
         of PIL images (RGBA when the model has alpha) with `output_type="pil"`. Sprites of one prompt are adjacent.
-        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps`, `eta`
-        and `flow_shift` (the flows only) apply to the iterative generators (`uses_guidance`) and default to the
-        config's; `progress_bar` shows a tqdm bar over their sampling steps.
+        The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps`, `eta`,
+        `flow_shift` (the flows only) and `epsilon_scaling` apply to the iterative generators (`uses_guidance`) and
+        default to the config's; `progress_bar` shows a tqdm bar over their sampling steps.
         """
         if prompts is not None:
             input_ids, attention_mask = self.tokenize(prompts)
@@ -936,7 +940,7 @@ class PokeSpriteModel(PreTrainedModel):
         try:
             images = self(input_ids, attention_mask, noise=noise, generator=generator, guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, eta=eta, flow_shift=flow_shift,
-                          progress_bar=progress_bar).images
+                          epsilon_scaling=epsilon_scaling, progress_bar=progress_bar).images
         finally:
             self.train(was_training)
         images = ((images.float() + 1) / 2).clamp(0, 1)

@@ -146,9 +146,15 @@ def test_flow_shift_reaches_the_flow_sampler(tmp_path):
     assert np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0, eta=1.0)[0])
     assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the config's: eta 0
 
+    generate.main([PROMPT, "--model", str(folder), "--num", "1", "--epsilon_scaling", "1.2", "--out", str(tmp_path / "eps")])
+    written = pixels(tmp_path / "eps" / "a-small-blue-water-turtle-00.png")[1]
+    assert np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0, epsilon_scaling=1.2)[0])
+    assert not np.array_equal(written, model_sprites(model, PROMPT, 1, seed=0)[0])  # the config's: 1
+
 
 @pytest.mark.parametrize("option, value, message", [("--flow_shift", "0", "from 0.1 to 20"), ("--flow_shift", "25", "from 0.1 to 20"),
-                                                     ("--flow_shift", "nan", "from 0.1 to 20"), ("--eta", "1.5", "from 0 to 1")])
+                                                     ("--flow_shift", "nan", "from 0.1 to 20"), ("--eta", "1.5", "from 0 to 1"),
+                                                     ("--epsilon_scaling", "3", "from 0.5 to 2")])
 def test_a_sampling_option_outside_the_configs_range_is_refused_before_the_model_loads(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit:
         generate.parse_args([PROMPT, option, value])

@@ -455,7 +455,33 @@ def test_flow_eta_draws_fresh_noise_at_each_step_from_the_seed(make_model):
     assert stochastic.min() >= 0 and stochastic.max() <= 1
 
 
-@pytest.mark.parametrize("keyword, value", [("flow_shift", 0.0), ("flow_shift", float("nan")), ("eta", 1.5),
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_epsilon_scaling_divides_the_noise_a_step_carries_on_and_one_is_the_plain_step(make_model, kind):
+    model = make_model(kind)
+    generator = model.generator
+    x, estimate = torch.randn(2, 4, 64, 64, generator=seeded(0)), torch.rand(2, 4, 64, 64, generator=seeded(1)) * 2 - 1
+    t, t_next = generator.sampling_times(4, "cpu", 1.0)[1:3]
+    step = lambda scaling: generator.step(x, estimate, t, t_next, False, 0.0, scaling, None)
+    if kind == "flow":  # x_t = (1 - t) x0 + t noise: the next point keeps the estimate and 1/scaling of the noise
+        noise = (x - (1 - t) * estimate) / t
+        torch.testing.assert_close(step(2.0), (1 - t_next) * estimate + t_next * noise / 2)
+        torch.testing.assert_close(step(1.0), x + (t_next - t) * (x - estimate) / t)  # the Euler step
+    else:  # v-prediction on the cosine schedule: the same on DDIM's x0 and eps
+        from modeling_pokesprite import cosine_alpha_sigma
+        alpha, sigma = cosine_alpha_sigma(t.expand(2), model.config.num_train_timesteps)
+        alpha_next, sigma_next = cosine_alpha_sigma(t_next.expand(2), model.config.num_train_timesteps)
+        x0 = (alpha * x - sigma * estimate).clamp(-1, 1)
+        torch.testing.assert_close(step(2.0), alpha_next * x0 + sigma_next * (x - alpha * x0) / sigma / 2)
+    sprites = lambda **scaling: model.generate(PROMPTS[:1], num_images_per_prompt=2, generator=seeded(3),
+                                               num_inference_steps=4, **scaling)
+    plain, scaled = sprites(), sprites(epsilon_scaling=1.05)
+    assert not torch.allclose(plain, scaled)
+    assert torch.equal(sprites(epsilon_scaling=1.0), plain)  # 1, the default, samples exactly as before
+    model.config.epsilon_scaling = 1.05  # the config's value is generate's default
+    torch.testing.assert_close(sprites(), scaled)
+
+
+@pytest.mark.parametrize("keyword, value", [("flow_shift", 0.0), ("flow_shift", float("nan")), ("eta", 1.5), ("epsilon_scaling", 0.0),
                                             ("guidance_scale", -1.0), ("num_inference_steps", 0)])
 def test_a_sampling_keyword_out_of_the_configs_range_is_an_error_naming_it(make_model, keyword, value):
     with pytest.raises(ValueError, match=f"^{keyword} must be (from|at least) "):
