@@ -139,17 +139,16 @@ def reference_per_seed(kind, prompts, val, train, seeds, train_texts=None, text_
     return [train[nearest[:, k]] for k in range(seeds)]
 
 
-def compute_metrics(splits, sprites_for, tokenizer, config, num_prompts=128, seeds=4, inception_weights=None):
+def compute_metrics(splits, train, sprites_for, tokenizer, config, num_prompts=128, seeds=4, inception_weights=None):
     """Every metric of the module docstring, for the first `num_prompts` validation captions.
 
-    `sprites_for(prompts, seeds, val, train)` returns the sprites to score (a list of one (N, C, H, W) tensor in
-    [0, 1] per seed); `val` and `train` are the dataset's sprites, decoded as `config` says. Returns (metrics,
+    `train` is the training split's sprites, (M, C, H, W) in [0, 1]. `sprites_for(prompts, seeds, val, train)` returns
+    the sprites to score (a list of one (N, C, H, W) tensor in [0, 1] per seed); `val` is decoded as `config` says. Returns (metrics,
     per_seed images).
     """
     val_split = splits["validation"].select(range(min(num_prompts, len(splits["validation"]))))
     prompts = list(val_split["text"])
     val = split_to_tensors(val_split, tokenizer, config)["pixels"].float() / 255
-    train = split_to_tensors(splits["train"], tokenizer, config)["pixels"].float() / 255
     start = time.time()
     per_seed = sprites_for(prompts, seeds, val, train)
     seconds = time.time() - start
@@ -169,12 +168,12 @@ def compute_metrics(splits, sprites_for, tokenizer, config, num_prompts=128, see
     return metrics, per_seed
 
 
-def training_fit(model, splits, tokenizer, config, num_prompts, sheet_prompts=32, batch_size=256, **sampling):
-    """The training-fit scores of the module docstring, and the sheet: drawn sprites above the training sprites."""
-    train_split = splits["train"].select(range(min(num_prompts, len(splits["train"]))))
-    train = split_to_tensors(splits["train"], tokenizer, config)["pixels"].float() / 255
-    own = train[: len(train_split)]
-    drawn = generate_per_seed(model, list(train_split["text"]), 1, batch_size, **sampling)[0]
+def training_fit(model, splits, train, num_prompts, sheet_prompts=32, batch_size=256, **sampling):
+    """The training-fit scores of the module docstring, and the sheet: drawn sprites above the training sprites
+    (`train`, the training split's sprites in [0, 1])."""
+    prompts = list(splits["train"]["text"][:num_prompts])
+    own = train[: len(prompts)]
+    drawn = generate_per_seed(model, prompts, 1, batch_size, **sampling)[0]
     metrics = {"fit/nearest_is_own": nearest_is_own(drawn, train)}
     metrics.update(prefixed("fit", evaluate.load(str(METRICS_DIR / "reconstruction")).compute(predictions=drawn, references=own)))
     return metrics, sample_sheet([drawn, own], min(sheet_prompts, len(own)))
@@ -219,13 +218,14 @@ def main(argv=None):
         tokenizer, config = AutoTokenizer.from_pretrained(args.text_encoder), PokeSpriteConfig()
         about = {"reference": args.reference}
 
-    metrics, per_seed = compute_metrics(splits, sprites_for, tokenizer, config, args.num_prompts, args.seeds, args.inception_weights)
+    train = split_to_tensors(splits["train"], tokenizer, config)["pixels"].float() / 255  # decoded once, for both scores
+    metrics, per_seed = compute_metrics(splits, train, sprites_for, tokenizer, config, args.num_prompts, args.seeds,
+                                        args.inception_weights)
     metrics.update(about)
     metrics.update(sampling)
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
     if args.model and args.train_prompts > 0:
-        fit, sheet = training_fit(model, splits, tokenizer, config, args.train_prompts, args.sheet_prompts,
-                                  args.batch_size, **sampling)
+        fit, sheet = training_fit(model, splits, train, args.train_prompts, args.sheet_prompts, args.batch_size, **sampling)
         metrics.update(fit)
         sheet.save(out / "training-prompts.png")
     if descriptions:
