@@ -29,6 +29,7 @@ INT_MINIMUMS = {
 FLOAT_RANGES = {
     "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
     "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "flow_shift": (0.1, 20), "epsilon_scaling": (0.5, 2), "flow_logit_mean": (-3, 3),
+    "input_perturbation": (0, 1),
     "initializer_range": (0, math.inf),
 }
 
@@ -101,6 +102,11 @@ class PokeSpriteConfig(PretrainedConfig):
             on real sprites plus noise but samples from its own estimates, whose errors it reads as detail and adds
             up over the steps: a little above 1 stops that, which is what turned mottled bodies into flat colours
             (RESULTS.md: "Exposure bias"). 1 samples as before.
+        input_perturbation (`float`, 0.0): the iterative generators, in training only: the network's noisy input is
+            built with noise + input_perturbation * fresh noise, while the target keeps the plain noise ("input
+            perturbation", Ning et al., 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models"; diffusers'
+            train_text_to_image.py `--input_perturbation`, 0.1 recommended). It trains the network on inputs a little
+            off the path, as its own earlier steps leave them at sampling. 0 trains as before.
     """
 
     model_type = "pokesprite"
@@ -146,6 +152,7 @@ class PokeSpriteConfig(PretrainedConfig):
     flow_logit_mean: float = 0.0
     flow_shift: float = 1.0
     epsilon_scaling: float = 1.0
+    input_perturbation: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

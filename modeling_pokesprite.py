@@ -430,6 +430,14 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         c = self.config
         return (batch_size, c.num_channels, c.image_size, c.image_size)
 
+    def input_noise(self, noise):
+        """The noise the UNet's training input is built with. With input_perturbation (Ning et al., 2023) it is a
+        little off the noise the target is computed from, as a sampling step's input is off the true path after
+        the network's own earlier errors; evaluation keeps it exact, so the validation loss stays comparable."""
+        if not self.training or self.config.input_perturbation == 0:
+            return noise
+        return noise + self.config.input_perturbation * torch.randn_like(noise)
+
     def predict(self, x, t, tokens, mask, guidance_scale, need_weights):
         """The UNet's output for `x` at noise level `t` (a scalar on the 0..num_train_timesteps scale).
 
@@ -474,7 +482,7 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
 
     def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
         alpha, sigma = cosine_alpha_sigma(timesteps, self.config.num_train_timesteps)
-        noisy = alpha * pixel_values + sigma * noise
+        noisy = alpha * pixel_values + sigma * self.input_noise(noise)
         v, attentions = self(noisy.to(tokens.dtype), timesteps, tokens, mask, need_weights=output_attentions)
         v = v.float()
         # v-prediction: a target of the same scale at every noise level
@@ -527,9 +535,12 @@ class PokeSpriteFlow(PokeSpriteUNet):
     def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
         t = timesteps.float().view(-1, 1, 1, 1)
         noisy = (1 - t) * pixel_values + t * noise
-        x0, attentions = self(noisy.to(tokens.dtype), timesteps * self.config.num_train_timesteps, tokens, mask,
+        x_in = (1 - t) * pixel_values + t * self.input_noise(noise)
+        x0, attentions = self(x_in.to(tokens.dtype), timesteps * self.config.num_train_timesteps, tokens, mask,
                               need_weights=output_attentions)
         x0 = x0.float()
+        # against the unperturbed path: (noisy - x0_hat) / t - (noise - x0) = (x0 - x0_hat) / t, so a perturbed input
+        # still asks for the clean sprite
         loss_per_sample = (self.velocity(noisy, x0, timesteps) - (noise - pixel_values)).pow(2).mean((1, 2, 3))
         return PokeSpriteOutput(
             loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=x0.clamp(-1, 1),

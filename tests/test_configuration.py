@@ -23,7 +23,7 @@ ANY_VALUE = st.one_of(
     ("noise_dim", 0), ("num_attention_heads", 2.5), ("num_inference_steps", True), ("text_dropout", 1.5), ("eta", math.nan),
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
     ("unet_symmetric", 1), ("latent_channels", 0), ("autoencoder_channels", []), ("autoencoder_channels", [16, 0]),
-    ("latent_flow_stage", None), ("latent_flow_stage", "vae"),
+    ("latent_flow_stage", None), ("latent_flow_stage", "vae"), ("input_perturbation", -0.1), ("input_perturbation", 2.0),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
     with pytest.raises(ValueError) as error:

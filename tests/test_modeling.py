@@ -496,6 +496,41 @@ def test_flow_training_noise_levels_are_logit_normal_around_flow_logit_mean(make
     assert logits.mean().item() == pytest.approx(mean, abs=0.03) and logits.std().item() == pytest.approx(1.0, abs=0.03)
 
 
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_input_perturbation_moves_the_training_input_off_the_path_and_keeps_the_target(make_model, tokenizer, kind):
+    from modeling_pokesprite import cosine_alpha_sigma
+
+    model = make_model(kind, input_perturbation=0.1, text_dropout=0.0)
+    seen = []  # the UNet's input and output
+    model.generator.register_forward_hook(lambda module, args, output: seen.append((args[0], output[0].float())))
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2] * 4)
+    pixel_values, noise = sprites(8), model.make_noise(8, seeded(0))
+    if kind == "flow":
+        timesteps = torch.tensor([0.2, 0.5, 0.7, 0.9] * 2)
+        t = timesteps.view(-1, 1, 1, 1)
+        alpha, sigma = 1 - t, t
+    else:
+        timesteps = torch.tensor([200, 500, 700, 900] * 2)
+        alpha, sigma = cosine_alpha_sigma(timesteps, model.config.num_train_timesteps)
+    run = lambda: model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+    evaluated = run()
+    x_in, _ = seen.pop()
+    assert torch.equal(x_in, alpha * pixel_values + sigma * noise)  # evaluation: on the path, as without it
+    torch.manual_seed(5)
+    trained = model.train()(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+    x_in, out = seen.pop()
+    extra = (x_in - alpha * pixel_values) / sigma - noise  # the noise the input was built with, less the target's
+    assert extra.mean().item() == pytest.approx(0, abs=0.003) and extra.std().item() == pytest.approx(0.1, rel=0.02)
+    if kind == "flow":  # the loss still asks for the clean sprite: (x0 - x0_hat) / t
+        target_error = (pixel_values - out) / t
+    else:  # and for the v of the unperturbed noise
+        target_error = out - (alpha * noise - sigma * pixel_values)
+    torch.testing.assert_close(trained.loss_per_sample, target_error.pow(2).mean((1, 2, 3)))
+    model.config.input_perturbation = 0.0
+    torch.testing.assert_close(model.eval()(input_ids, attention_mask, noise=noise, pixel_values=pixel_values,
+                                            timesteps=timesteps).loss, evaluated.loss)
+
+
 def test_post_init_initialises_the_generator_and_keeps_berts_own_init():
     model = PokeSpriteModel(tiny_config("decoder"))
     assert torch.all(model.decoder.fc.bias == 0)  # _init_weights: xavier weights, zero biases
