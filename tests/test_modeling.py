@@ -531,6 +531,67 @@ def test_input_perturbation_moves_the_training_input_off_the_path_and_keeps_the_
                                             timesteps=timesteps).loss, evaluated.loss)
 
 
+@pytest.mark.parametrize("kind", ["flow", "diffusion", "latent-flow"])
+def test_self_conditioning_hands_each_sampling_step_the_last_steps_estimate(make_model, kind):
+    model = make_model(kind, self_conditioning=True)
+    generator = model.generator
+    calls = []  # each step's input, noise level, previous estimate and guided output
+    predict = generator.predict
+
+    def recording_predict(x, t, tokens, mask, guidance_scale, need_weights, x0_prev=None):
+        out, attentions = predict(x, t, tokens, mask, guidance_scale, need_weights, x0_prev)
+        calls.append((x, t, x0_prev, out))
+        return out, attentions
+
+    generator.predict = recording_predict
+    model.generate(PROMPTS[:2], generator=seeded(0), num_inference_steps=3, guidance_scale=2.0)
+    assert len(calls) == 3
+    assert torch.equal(calls[0][2], torch.zeros_like(calls[0][0]))  # the first step has no estimate yet
+    for (x, t, _, out), (_, _, x0_prev, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(x0_prev, generator.clean_estimate(x, out, t))
+        assert x0_prev.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_self_conditioning_trains_half_the_batch_on_its_own_estimate_and_evaluates_all_of_it(make_model, tokenizer, kind):
+    model = make_model(kind, self_conditioning=True, text_dropout=0.0)
+    generator = model.generator
+    calls = []  # the UNet's noisy input, its previous-estimate input (None: zeros), its output, and whether a gradient was recorded
+    generator.register_forward_hook(lambda module, args, output: calls.append(
+        (args[0], args[5] if len(args) > 5 else None, output[0].float(), torch.is_grad_enabled())))
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS * 16)
+    pixel_values, noise = sprites(64), model.make_noise(64, seeded(0))
+    timesteps = generator.draw_timesteps(64, generator=seeded(1))
+    run = lambda: model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps)
+
+    torch.manual_seed(5)
+    model.train()
+    run().loss.backward()
+    (first_x, _, first_out, first_grad), (x, x0_prev, _, grad) = calls
+    assert not first_grad and grad  # the estimate is made without a gradient, the loss pass with one
+    chosen = x0_prev.flatten(1).abs().sum(1) > 0
+    assert 16 < chosen.sum() < 48  # about half the batch; the rest gets zeros, as the first sampling step does
+    assert torch.equal(first_x, x[chosen])  # the estimate is of this same noisy input
+    torch.testing.assert_close(x0_prev[chosen], generator.clean_estimate(first_x, first_out, timesteps[chosen]))
+
+    calls.clear()
+    model.eval()
+    losses = [run().loss for _ in range(2)]
+    assert torch.equal(*losses)  # deterministic: the whole batch gets the estimate
+    assert calls[0][0].shape[0] == 64 and (calls[1][1].flatten(1).abs().sum(1) > 0).all()
+
+
+def test_a_self_conditioned_flow_saved_and_reloaded_draws_the_same_sprites(make_model, tmp_path):
+    model = make_model("flow", self_conditioning=True)
+    assert model.unet.conv_in.in_channels == 2 * model.unet.in_channels  # the noisy patches, then the estimate's
+    model.save_pretrained(tmp_path)
+    loaded = PokeSpriteModel.from_pretrained(tmp_path)
+    loaded.tokenizer = model.tokenizer
+    assert loaded.config.self_conditioning
+    draw = lambda m: m.generate(PROMPTS[:2], generator=seeded(4), num_inference_steps=3)
+    assert torch.equal(draw(loaded), draw(model))
+
+
 def test_post_init_initialises_the_generator_and_keeps_berts_own_init():
     model = PokeSpriteModel(tiny_config("decoder"))
     assert torch.all(model.decoder.fc.bias == 0)  # _init_weights: xavier weights, zero biases
