@@ -521,8 +521,9 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
     def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
         alpha, sigma = cosine_alpha_sigma(timesteps, self.config.num_train_timesteps)
         noisy = alpha * pixel_values + sigma * self.input_noise(noise)
-        x0_prev = self.self_condition(noisy.to(tokens.dtype), timesteps, tokens, mask)
-        v, attentions = self(noisy.to(tokens.dtype), timesteps, tokens, mask, output_attentions, x0_prev)
+        x_in = noisy.to(tokens.dtype)
+        x0_prev = self.self_condition(x_in, timesteps, tokens, mask)
+        v, attentions = self(x_in, timesteps, tokens, mask, output_attentions, x0_prev)
         v = v.float()
         # v-prediction: a target of the same scale at every noise level
         loss_per_sample = (v - (alpha * noise - sigma * pixel_values)).pow(2).mean((1, 2, 3))
