@@ -20,7 +20,6 @@ BERT_MINI = {
 # modeling_pokesprite.GENERATORS maps each to its class
 GENERATOR_TYPES = ("decoder", "diffusion", "flow", "latent-flow")
 LATENT_FLOW_STAGES = ("joint", "autoencoder", "flow")
-FLOW_PARAMETRIZATIONS = ("x0", "edm")
 # the integer fields and their least usable value, and the float fields' ranges: checked when a config is built
 INT_MINIMUMS = {
     "hidden_size": 1, "num_attention_heads": 1, "num_hidden_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
@@ -30,7 +29,7 @@ INT_MINIMUMS = {
 FLOAT_RANGES = {
     "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
     "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "flow_shift": (0.1, 20), "epsilon_scaling": (0.5, 2), "flow_logit_mean": (-3, 3),
-    "flow_sigma_data": (0.01, 10), "input_perturbation": (0, 1),
+    "input_perturbation": (0, 1),
     "initializer_range": (0, math.inf),
 }
 
@@ -97,15 +96,6 @@ class PokeSpriteConfig(PretrainedConfig):
         flow_shift (`float`, 1.0): the flows only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
             so that s > 1 spends more of them at high noise, where the layout of a sprite is decided (SD3's time
             shift, diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`); 1 spaces them evenly.
-        flow_parametrization (`str`, "x0"): the flows only: what the UNet's output is. "x0": the clean sprite itself
-            (Li & He, 2025), the loss on the velocity it implies. "edm": Karras et al.'s (2022) preconditioning, the
-            estimate is c_skip x + c_out F with c_skip = s^2 / (sigma^2 + s^2) and c_out = sigma s / sqrt(sigma^2 + s^2),
-            at sigma = t / (1 - t), x = x_t / (1 - t) and s = `flow_sigma_data`, and the loss weighs its error by
-            1 / c_out^2. Near the clean end the estimate is the input plus a correction, so the sprite's outlines and
-            flat colours pass through; with "x0" the UNet must redraw them through its 64-channel 16 px level, and
-            even at t = 0.05 its estimate of a training sprite came out blurred and grainy (RESULTS.md).
-        flow_sigma_data (`float`, 0.5): the "edm" parametrization's s, the spread of the data (EDM's 0.5 for images
-            in [-1, 1]; the RGBA sprites' root mean square is 0.85).
         epsilon_scaling (`float`, 1.0): the iterative generators: at each sampling step the noise implied by the
             network's estimate is divided by this before the next step ("epsilon scaling", Ning et al., 2024,
             "Elucidating the Exposure Bias in Diffusion Models"; ComfyUI's EpsilonScaling node). The network was trained
@@ -168,8 +158,6 @@ class PokeSpriteConfig(PretrainedConfig):
     eta: float = 0.0
     flow_logit_mean: float = 0.0
     flow_shift: float = 1.0
-    flow_parametrization: str = "x0"
-    flow_sigma_data: float = 0.5
     epsilon_scaling: float = 1.0
     input_perturbation: float = 0.0
     self_conditioning: bool = False
@@ -182,8 +170,6 @@ class PokeSpriteConfig(PretrainedConfig):
             raise ValueError(f"generator_type must be one of {', '.join(GENERATOR_TYPES)}, got {self.generator_type!r}")
         if self.latent_flow_stage not in LATENT_FLOW_STAGES:
             raise ValueError(f"PokeSpriteConfig.latent_flow_stage must be one of {', '.join(LATENT_FLOW_STAGES)}, got {self.latent_flow_stage!r}")
-        if self.flow_parametrization not in FLOW_PARAMETRIZATIONS:
-            raise ValueError(f"PokeSpriteConfig.flow_parametrization must be one of {', '.join(FLOW_PARAMETRIZATIONS)}, got {self.flow_parametrization!r}")
         if self.num_channels not in (3, 4):
             raise ValueError(f"num_channels must be 3 (RGB) or 4 (RGBA), got {self.num_channels}")
         if self.hidden_size % self.num_attention_heads:
@@ -242,7 +228,7 @@ class PokeSpriteConfig(PretrainedConfig):
         for name in ("unet_channels", "autoencoder_channels"):
             if not getattr(self, name):
                 fail(name, "a non-empty list")
-        for name in ("generator_type", "model_name", "latent_flow_stage", "flow_parametrization"):
+        for name in ("generator_type", "model_name", "latent_flow_stage"):
             if not isinstance(getattr(self, name), str):
                 fail(name, "a string")
         for name in ("freeze_text_encoder", "unet_symmetric", "self_conditioning"):

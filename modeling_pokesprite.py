@@ -564,8 +564,6 @@ class PokeSpriteFlow(PokeSpriteUNet):
     - The UNet predicts the clean sprite x0, and the loss is on the velocity it implies, (x_t - x0_hat) / t
       ("Back to Basics: Let Denoising Generative Models Denoise", Li & He, 2025). With 4x4x4 = 64 values per
       patch, predicting the clean, smooth sprite instead of the noise keeps the patches from turning to speckle.
-      With `flow_parametrization` "edm" the estimate is EDM's preconditioned c_skip x + c_out F instead (Karras
-      et al., 2022; `denoise`), which hands the nearly clean input through at low noise.
     - t is drawn logit-normal (SD3's choice): most training goes to the middle noise levels, where the shape forms.
     """
 
@@ -578,34 +576,16 @@ class PokeSpriteFlow(PokeSpriteUNet):
         # t below 0.05 would blow up the division; there the sprite is all but clean anyway
         return (x - x0) / t.view(-1, 1, 1, 1).clamp(min=0.05)
 
-    def denoise(self, x, out, t):
-        """The clean-sprite estimate, unclamped, from the UNet's output `out` at x_t = `x` (`t`: a scalar or one per
-        sample), and the factor the loss multiplies its error by.
-
-        "x0": the output is the estimate, and the loss is on the velocity it implies: an error over t (t clamped as
-        in `velocity`). "edm": EDM's preconditioning (Karras et al., 2022, table 1) on the rescaled input
-        x_t / (1 - t) = x0 + sigma noise, sigma = t / (1 - t): c_skip x_t / (1 - t) + c_out out, weighed by
-        1 / c_out, so the UNet's target has unit spread at every noise level. Written in t with
-        r^2 = t^2 + (1 - t)^2 s^2, s = flow_sigma_data: c_skip / (1 - t) = s^2 (1 - t) / r^2, c_out = t s / r.
-        The input is x_t as in "x0" (EDM's c_in is left out: on sprites x_t's spread stays between 0.6 and 1).
-        """
-        t = t.float().reshape(-1, 1, 1, 1)
-        if self.config.flow_parametrization == "x0":
-            return out, 1 / t.clamp(min=0.05)
-        s = self.config.flow_sigma_data
-        r = (t**2 + (1 - t) ** 2 * s**2).sqrt()
-        c_out = t * s / r
-        return s**2 * (1 - t) / r**2 * x + c_out * out, 1 / c_out
-
     def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
         t = timesteps.float().view(-1, 1, 1, 1)
+        noisy = (1 - t) * pixel_values + t * noise
         x_in = ((1 - t) * pixel_values + t * self.input_noise(noise)).to(tokens.dtype)
         x0_prev = self.self_condition(x_in, timesteps, tokens, mask)
-        out, attentions = self(x_in, self.unet_time(timesteps), tokens, mask, output_attentions, x0_prev)
-        x0, error_scale = self.denoise(x_in.float(), out.float(), timesteps)
-        # against the clean sprite, so a perturbed input (input_perturbation) still asks for it; for "x0" this is the
-        # velocity error against the unperturbed path, (noisy - x0_hat) / t - (noise - x0) = (x0 - x0_hat) / t
-        loss_per_sample = ((x0 - pixel_values) * error_scale).pow(2).mean((1, 2, 3))
+        x0, attentions = self(x_in, self.unet_time(timesteps), tokens, mask, output_attentions, x0_prev)
+        x0 = x0.float()
+        # against the unperturbed path: (noisy - x0_hat) / t - (noise - x0) = (x0 - x0_hat) / t, so a perturbed input
+        # still asks for the clean sprite
+        loss_per_sample = (self.velocity(noisy, x0, timesteps) - (noise - pixel_values)).pow(2).mean((1, 2, 3))
         return PokeSpriteOutput(
             loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=x0.clamp(-1, 1),
             attentions=tuple(attentions) if output_attentions else None,
@@ -619,11 +599,11 @@ class PokeSpriteFlow(PokeSpriteUNet):
     def unet_time(self, t):
         return t * self.config.num_train_timesteps
 
-    def clean_estimate(self, x, out, t):
-        return self.denoise(x, out, t)[0].clamp(-1, 1)
+    def clean_estimate(self, x, x0, t):
+        return x0.clamp(-1, 1)
 
-    def step(self, x, out, t, t_next, last, eta, epsilon_scaling, generator):
-        x0 = self.clean_estimate(x, out, t)
+    def step(self, x, x0, t, t_next, last, eta, epsilon_scaling, generator):
+        x0 = self.clean_estimate(x, x0, t)
         if eta == 0 and epsilon_scaling == 1:  # Euler along the velocity; at t_next = 0 this lands exactly on x0
             return x + (t_next - t) * self.velocity(x, x0, t.expand(x.shape[0]))
         # The Euler step written as x_next = (1 - t_next) x0 + t_next noise_hat. epsilon_scaling shrinks noise_hat,

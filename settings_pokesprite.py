@@ -31,7 +31,7 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser, SchedulerType
 
-from configuration_pokesprite import FLOW_PARAMETRIZATIONS, GENERATOR_TYPES, LATENT_FLOW_STAGES, PokeSpriteConfig
+from configuration_pokesprite import GENERATOR_TYPES, LATENT_FLOW_STAGES, PokeSpriteConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "train_config.yaml"
 INT64_MAX = 2**63 - 1  # counts reach torch as int64
@@ -290,8 +290,7 @@ def _config_docs():
 
 def _model_argument(f, docs=_config_docs()):
     kind = f.type
-    choices = {"generator_type": GENERATOR_TYPES, "latent_flow_stage": LATENT_FLOW_STAGES,
-               "flow_parametrization": FLOW_PARAMETRIZATIONS}
+    choices = {"generator_type": GENERATOR_TYPES, "latent_flow_stage": LATENT_FLOW_STAGES}
     if f.name in choices:
         kind = Literal[choices[f.name]]
     elif isinstance(f.default, (list, tuple)):

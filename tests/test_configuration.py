@@ -11,7 +11,7 @@ from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfi
 
 LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels")
 FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder", "unet_symmetric",
-          "latent_flow_stage", "self_conditioning", "flow_parametrization"]
+          "latent_flow_stage", "self_conditioning"]
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.lists(st.integers(-4, 64), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
@@ -24,7 +24,6 @@ ANY_VALUE = st.one_of(
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
     ("unet_symmetric", 1), ("latent_channels", 0), ("autoencoder_channels", []), ("autoencoder_channels", [16, 0]),
     ("latent_flow_stage", None), ("latent_flow_stage", "vae"), ("input_perturbation", -0.1), ("input_perturbation", 2.0),
-    ("flow_parametrization", "eps"), ("flow_parametrization", 1), ("flow_sigma_data", 0.0),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
     with pytest.raises(ValueError) as error:
