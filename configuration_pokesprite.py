@@ -24,6 +24,7 @@ LATENT_FLOW_STAGES = ("joint", "autoencoder", "flow")
 INT_MINIMUMS = {
     "hidden_size": 1, "num_attention_heads": 1, "num_hidden_layers": 1, "max_text_length": 1, "image_size": 8, "num_channels": 3,
     "noise_dim": 1, "text_embedding_dim": 1, "base_channels": 1, "unet_patch_size": 1, "unet_layers_per_block": 1,
+    "unet_pixel_head_channels": 0,
     "latent_channels": 1, "num_train_timesteps": 2, "num_inference_steps": 1,
 }
 FLOAT_RANGES = {
@@ -85,6 +86,11 @@ class PokeSpriteConfig(PretrainedConfig):
             also takes the outputs of the input convolution and of each downsampler; on 4x4 patches that extra
             block at 16 and 8 px is a quarter of the FLOPs (RESULTS.md).
         unet_attention_resolutions (`list[int]`, [16, 8]): resolutions with self- and cross-attention.
+        unet_pixel_head_channels (`int`, 0): with `unet_patch_size` > 1, a head of this many channels at full
+            resolution after the patches are unfolded: two 3x3 convolutions (FiLM by the noise level and pooled text
+            between them) read the UNet's output beside the noisy input and add a correction to it. Every other
+            layer sees only 4x4 patches, so without it the estimate of even a nearly clean sprite comes out blurred
+            and grainy (RESULTS.md); 0: no head.
         num_train_timesteps (`int`, 1000): diffusion: discrete steps of the cosine noise schedule; flow: the scale
             t in (0, 1) is multiplied by for the UNet's time embedding.
         text_dropout (`float`, 0.1): fraction of training captions replaced by the empty prompt, which is what
@@ -151,6 +157,7 @@ class PokeSpriteConfig(PretrainedConfig):
     unet_layers_per_block: int = 1
     unet_symmetric: bool = False
     unet_attention_resolutions: list[int] | tuple[int, ...] = (16, 8)
+    unet_pixel_head_channels: int = 0
     num_train_timesteps: int = 1000
     text_dropout: float = 0.1
     guidance_scale: float = 3.0

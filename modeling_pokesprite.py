@@ -314,6 +314,23 @@ class PokeSpriteAttentionBlock(nn.Module):
         return self.cross_attention(x, tokens, mask, need_weights)
 
 
+class PokeSpritePixelHead(nn.Module):
+    """`unet_pixel_head_channels` at full resolution: the UNet's unfolded output and the noisy input in, a correction
+    to that output out. Zero at first (its last layer starts at zero), so it starts as the UNet without it."""
+
+    def __init__(self, config, embedding_dim):
+        super().__init__()
+        channels, c = config.unet_pixel_head_channels, config.num_channels
+        self.conv1 = nn.Conv2d(2 * c, channels, 3, padding=1)
+        self.film = nn.Linear(embedding_dim, 2 * channels)
+        self.conv2 = nn.Conv2d(channels, c, 3, padding=1)
+        self.conv2.zero_init = True
+
+    def forward(self, x, embedding):
+        scale, shift = self.film(F.silu(embedding))[:, :, None, None].chunk(2, dim=1)
+        return self.conv2(F.silu(self.conv1(x) * (1 + scale) + shift))
+
+
 class PokeSpriteUNetLevel(nn.Module):
     """One resolution of the UNet: residual blocks (with attention where the config asks) and a resampler."""
 
@@ -385,10 +402,12 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         self.conv_out = nn.Conv2d(self.base, self.in_channels, 3, padding=1)
         # a zero output layer makes the untrained UNet predict 0, a calm start for either objective
         self.conv_out.zero_init = True
+        self.pixel_head = PokeSpritePixelHead(config, embedding_dim) if self.fold and config.unet_pixel_head_channels else None
 
     def forward(self, x, timesteps, tokens, mask, need_weights=False, x0_prev=None):
         """`x0_prev`: with `self_conditioning`, the previous estimate of the clean sample (zeros, the default, when
         there is none yet)."""
+        noisy = x
         if self.config.self_conditioning:
             x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)
         embedding = self.time_mlp(timestep_embedding(timesteps, self.base)) + self.text_mlp(masked_mean(tokens, mask))
@@ -429,7 +448,12 @@ class PokeSpriteUNet(PokeSpriteGenerator):
                 h = level.resample(h)
 
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return (F.pixel_shuffle(out, p) if self.fold else out), attentions
+        if not self.fold:
+            return out, attentions
+        out = F.pixel_shuffle(out, p)
+        if self.pixel_head is not None:
+            out = out + self.pixel_head(torch.cat([out, noisy], dim=1), embedding)
+        return out, attentions
 
     def noise_shape(self, batch_size):
         c = self.config

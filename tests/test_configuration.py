@@ -24,6 +24,7 @@ ANY_VALUE = st.one_of(
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
     ("unet_symmetric", 1), ("latent_channels", 0), ("autoencoder_channels", []), ("autoencoder_channels", [16, 0]),
     ("latent_flow_stage", None), ("latent_flow_stage", "vae"), ("input_perturbation", -0.1), ("input_perturbation", 2.0),
+    ("unet_pixel_head_channels", -1), ("unet_pixel_head_channels", 1.5),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
     with pytest.raises(ValueError) as error:

@@ -581,15 +581,40 @@ def test_self_conditioning_trains_half_the_batch_on_its_own_estimate_and_evaluat
     assert calls[0][0].shape[0] == 64 and (calls[1][1].flatten(1).abs().sum(1) > 0).all()
 
 
-def test_a_self_conditioned_flow_saved_and_reloaded_draws_the_same_sprites(make_model, tmp_path):
-    model = make_model("flow", self_conditioning=True)
-    assert model.unet.conv_in.in_channels == 2 * model.unet.in_channels  # the noisy patches, then the estimate's
+@pytest.mark.parametrize("options", [{"self_conditioning": True}, {"unet_pixel_head_channels": 8}])
+def test_a_flow_with_an_option_saved_and_reloaded_draws_the_same_sprites(make_model, tmp_path, options):
+    model = stand_in_for_training(make_model("flow", **options))
+    if model.config.self_conditioning:
+        assert model.unet.conv_in.in_channels == 2 * model.unet.in_channels  # the noisy patches, then the estimate's
+    if model.config.unet_pixel_head_channels:
+        with torch.no_grad():  # a trained head, not the zero one it starts as
+            model.unet.pixel_head.conv2.weight.normal_(std=0.05, generator=seeded(7))
     model.save_pretrained(tmp_path)
     loaded = PokeSpriteModel.from_pretrained(tmp_path)
     loaded.tokenizer = model.tokenizer
-    assert loaded.config.self_conditioning
+    assert {name: getattr(loaded.config, name) for name in options} == options
     draw = lambda m: m.generate(PROMPTS[:2], generator=seeded(4), num_inference_steps=3)
     assert torch.equal(draw(loaded), draw(model))
+
+
+def test_the_pixel_head_starts_as_no_head_and_reads_the_noisy_sprite_at_full_resolution(make_model, tokenizer):
+    model = stand_in_for_training(make_model("flow", unet_pixel_head_channels=8))
+    unet = model.unet
+    seen = []  # the head's input
+    unet.pixel_head.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
+    tokens, mask = model.text_encoder(input_ids, attention_mask), attention_mask.bool()
+    x, t = model.make_noise(2, seeded(0)), torch.full((2,), 700.0)
+    with torch.no_grad():
+        with_head, _ = unet(x, t, tokens, mask)
+        unet.pixel_head, head = None, unet.pixel_head
+        without, _ = unet(x, t, tokens, mask)
+        torch.testing.assert_close(with_head, without)  # its last layer starts at zero
+        unet.pixel_head = head
+        # the UNet's unfolded output, then the noisy sprite itself, both 64 x 64
+        torch.testing.assert_close(seen[0], torch.cat([without, x], dim=1))
+        head.conv2.weight.normal_(std=0.05, generator=seeded(7))
+        assert (unet(x, t, tokens, mask)[0] - without).abs().mean() > 1e-3  # a trained head corrects the output
 
 
 def test_post_init_initialises_the_generator_and_keeps_berts_own_init():

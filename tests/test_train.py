@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import prepare_dataset
@@ -163,6 +164,13 @@ def self_conditioned_flow_run(colour_dataset_dir, tmp_path_factory):
     """flow_run's model, also reading its own previous estimate (`self_conditioning`)."""
     return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "flow", unet_patch_size=2, unet_attention_resolutions=[8, 4],
                            self_conditioning=True)
+
+
+@pytest.fixture(scope="module")
+def pixel_head_flow_run(colour_dataset_dir, tmp_path_factory):
+    """flow_run's model with a full-resolution head after the patches (`unet_pixel_head_channels`)."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "flow", unet_patch_size=2, unet_attention_resolutions=[8, 4],
+                           unet_pixel_head_channels=8)
 
 
 # the latent flow: an autoencoder from tiny.yaml's 32 px to 4 x 16 x 16 latents and the UNet on them (16/8/4 px, as
@@ -319,11 +327,30 @@ def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
     assert val[400] < 0.6 * val[0], val
 
 
-@pytest.mark.parametrize("run", ["flow_run", "self_conditioned_flow_run", "latent_flow_run", "staged_latent_flow_run"])
+@pytest.mark.parametrize("run", ["flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "latent_flow_run",
+                                 "staged_latent_flow_run"])
 def test_flow_learns_validation_loss_falls_well_below_its_start(run, request):
     val = scalars(request.getfixturevalue(run) / LOGS)["val/loss"]
     assert sorted(val) == [0, 100, 200, 300]
     assert val[300] < 0.6 * val[0], val
+
+
+def test_denoise_check_reports_each_noise_level_of_a_trained_flow(flow_run, colour_dataset_dir, tmp_path, capsys):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import denoise_check
+
+    out, sheet = tmp_path / "denoise.json", tmp_path / "denoise.png"
+    denoise_check.main(["--model", str(flow_run), "--dataset", str(colour_dataset_dir), "--num_sprites", "8",
+                        "--t", "0.1", "0.5", "0.9", "--out", str(out), "--sheet", str(sheet)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["t"] for r in rows] == [0.1, 0.5, 0.9] and "| 0.5 |" in capsys.readouterr().out
+    errors = [r["estimate_mse"] for r in rows]
+    assert errors == sorted(errors)  # more noise hides more of the sprite
+    # where the noise is strong, the trained model recovers far more than the noisy input shows
+    assert rows[2]["estimate_mse"] < 0.5 * rows[2]["rescaled_input_mse"]
+    assert len({r["sprites_high_frequency"] for r in rows}) == 1  # the same sprites at every t
+    with Image.open(sheet) as image:  # the sprites, then one row of estimates per t: 4 rows of 32 px sprites at scale 2
+        assert image.height == 4 * 64 + 5 * 2
 
 
 def test_latent_flow_logs_its_autoencoders_reconstruction_error_falling(latent_flow_run):
@@ -401,8 +428,8 @@ def test_latent_flow_stage_without_init_from_is_refused_before_training(colour_d
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]  # refused before any step or log
 
 
-@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "self_conditioned_flow_run", "latent_flow_run",
-                                 "staged_latent_flow_run"])
+@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "self_conditioned_flow_run", "pixel_head_flow_run",
+                                 "latent_flow_run", "staged_latent_flow_run"])
 def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
     model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()
     scores = {}
