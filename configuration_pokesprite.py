@@ -86,7 +86,7 @@ class PokeSpriteConfig(PretrainedConfig):
             also takes the outputs of the input convolution and of each downsampler; on 4x4 patches that extra
             block at 16 and 8 px is a quarter of the FLOPs (RESULTS.md).
         unet_attention_resolutions (`list[int]`, [16, 8]): resolutions with self- and cross-attention.
-        unet_pixel_head_channels (`int`, 0): with `unet_patch_size` > 1, a head of this many channels at full
+        unet_pixel_head_channels (`int`, 0): diffusion and flow with `unet_patch_size` > 1: a head of this many channels at full
             resolution after the patches are unfolded: two 3x3 convolutions (FiLM by the noise level and pooled text
             between them) read the UNet's output beside the noisy input and add a correction to it. Every other
             layer sees only 4x4 patches, so without it the estimate of even a nearly clean sprite comes out blurred
@@ -203,6 +203,11 @@ class PokeSpriteConfig(PretrainedConfig):
         for r, c in zip(unet_sizes, self.unet_channels):
             if (r in self.unet_attention_resolutions or r == unet_sizes[-1]) and c % self.num_attention_heads:
                 raise ValueError(f"the UNet has {c} channels at {r} px, where it attends, not a multiple of num_attention_heads ({self.num_attention_heads})")
+        if self.unet_pixel_head_channels and self.generator_type in ("diffusion", "flow", "latent-flow") and (
+                self.unet_patch_size == 1 or self.generator_type == "latent-flow"):
+            raise ValueError(f"PokeSpriteConfig.unet_pixel_head_channels must be 0 for a {self.generator_type} UNet on "
+                             f"{'latents' if self.generator_type == 'latent-flow' else 'unfolded pixels (unet_patch_size 1)'}: "
+                             f"the head works at full resolution after 4x4 (or larger) patches are unfolded")
         if self.generator_type == "latent-flow" and 2 ** (len(self.autoencoder_channels) - 1) != self.unet_patch_size:
             raise ValueError(f"autoencoder_channels has {len(self.autoencoder_channels)} entries, so its encoder halves the sprite "
                              f"{len(self.autoencoder_channels) - 1} times, but unet_patch_size is {self.unet_patch_size}: "

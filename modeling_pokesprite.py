@@ -356,7 +356,8 @@ class PokeSpriteUNet(PokeSpriteGenerator):
     the input convolution's and every downsampler's, and the up path has one block more per resolution to take them
     back. With `unet_symmetric` the up path mirrors the down path, one skip per block. The noise level and the
     pooled text enter every residual block through FiLM, the tokens through cross-attention at
-    `unet_attention_resolutions` and in the middle block.
+    `unet_attention_resolutions` and in the middle block. With `unet_pixel_head_channels` a small head at full
+    resolution corrects the unfolded output from the noisy input (PokeSpritePixelHead).
     """
 
     attribute_name = "unet"

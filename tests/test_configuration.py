@@ -54,3 +54,12 @@ def test_any_values_build_or_fail_with_one_line_naming_a_field(values):
         return
     for name in INT_MINIMUMS:  # what builds is usable
         assert isinstance(getattr(config, name), int) and getattr(config, name) >= INT_MINIMUMS[name]
+
+
+@pytest.mark.parametrize("generator_type, patch", [("flow", 1), ("diffusion", 1), ("latent-flow", 4)])
+def test_a_pixel_head_where_no_patches_are_unfolded_is_refused_naming_the_field(generator_type, patch):
+    with pytest.raises(ValueError, match=r"^PokeSpriteConfig\.unet_pixel_head_channels must be 0 for a "):
+        PokeSpriteConfig(generator_type=generator_type, unet_patch_size=patch, unet_channels=[32, 64],
+                         unet_pixel_head_channels=16, autoencoder_channels=[8, 16, 16])
+    PokeSpriteConfig(generator_type="flow", unet_patch_size=4, unet_channels=[32, 64], unet_pixel_head_channels=16)
+
