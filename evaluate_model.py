@@ -39,6 +39,7 @@ The options have the diffusers scripts' names (--output_dir, --num_images_per_pr
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -231,7 +232,9 @@ def main(argv=None):
     if descriptions:
         new = generate_per_seed(model, descriptions, 2, args.batch_size, **sampling)
         sample_sheet(new, len(descriptions)).save(out / "new-descriptions.png")
-    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    tmp = out / ".eval.json.tmp"  # renamed into place: an interrupted evaluation leaves no half-written eval.json
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "eval.json")
     for key, value in metrics.items():
         print(f"{key:40s} {value:.4f}" if isinstance(value, float) else f"{key:40s} {value}")
     return metrics

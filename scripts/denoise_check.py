@@ -20,6 +20,7 @@ that sheet out of the repository.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_maps import sprite_grid  # noqa: E402
-from data_pokesprite import load_splits, split_to_tensors  # noqa: E402
+from data_pokesprite import augment, load_splits, split_to_tensors  # noqa: E402
 from settings_pokesprite import PreflightError  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main(argv=None):
                          "the flow's straight path, so it takes a pixel-space flow")
     split = load_splits(args.dataset)[args.split]
     data = split_to_tensors(split.select(range(min(args.num_sprites, len(split)))), model.tokenizer, model.config)
-    sprites = data["pixels"].float() / 127.5 - 1
+    sprites = augment(data["pixels"], hflip=False, max_shift=0, background=0.0)  # as training scales them
     noise = torch.randn(sprites.shape, generator=torch.Generator().manual_seed(0))
     rows, estimates = [], []
     for t in args.t:
@@ -76,9 +77,12 @@ def main(argv=None):
         print(f"| {r['t']} | {r['estimate_mse']:.4f} | {r['rescaled_input_mse']:.4f} | {r['estimate_high_frequency']:.4f} "
               f"| {r['sprites_high_frequency']:.4f} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": args.model, "split": args.split, "num_sprites": len(sprites),
-                                              "rows": rows}, indent=2))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")  # renamed into place: an interrupted run leaves no half-written table
+        tmp.write_text(json.dumps({"model": args.model, "split": args.split, "num_sprites": len(sprites), "rows": rows},
+                                  indent=2))
+        os.replace(tmp, out)
     if args.sheet:
         images = torch.cat([sprites[:8], *estimates])
         sprite_grid(((images + 1) / 2).clamp(0, 1), nrow=min(8, len(sprites))).save(args.sheet)

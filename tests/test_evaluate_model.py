@@ -46,6 +46,7 @@ def run(tmp_path, *flags):
     out = tmp_path / "eval"
     metrics = evaluate_model.main([*map(str, flags), "--out", str(out), "--num_prompts", "8", "--seeds", "2"])
     assert json.loads((out / "eval.json").read_text()) == pytest.approx(metrics)
+    assert not list(out.glob(".*"))  # written to a temporary file and renamed: nothing left beside it
     return metrics, out
 
 

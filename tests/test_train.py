@@ -343,6 +343,7 @@ def test_denoise_check_reports_each_noise_level_of_a_trained_flow(flow_run, colo
     denoise_check.main(["--model", str(flow_run), "--dataset", str(colour_dataset_dir), "--num_sprites", "8",
                         "--t", "0.1", "0.5", "0.9", "--out", str(out), "--sheet", str(sheet)])
     rows = json.loads(out.read_text())["rows"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["denoise.json", "denoise.png"]  # the temporary file renamed
     assert [r["t"] for r in rows] == [0.1, 0.5, 0.9] and "| 0.5 |" in capsys.readouterr().out
     errors = [r["estimate_mse"] for r in rows]
     assert errors == sorted(errors)  # more noise hides more of the sprite
