@@ -3,12 +3,16 @@
     splits = load_splits("data/pokesprite")                  # prepare_dataset.py's output folder, or a Hub id
     train = split_to_tensors(splits["train"], tokenizer, config)  # uint8 pixels, token ids, attention masks
     pixels = augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0)  # floats in [-1, 1]
+    pixels, rows = recolour(pixels, idx, train["colour"], share=0.5)  # with split_to_tensors(..., recolour=True)
+    text = train["input_ids"][rows]                                    # the captions that name the new colours
 
 train_accelerate.py, evaluate_model.py and benchmarks/bench_train.py read their data through these. Sprites of
 another size than the model's are fitted by prepare_dataset.fit_sprite, the rule prepare_dataset.py applies.
 """
 
 from pathlib import Path
+
+import re
 
 import numpy as np
 import torch
@@ -57,7 +61,33 @@ def on_white(array):
     return (array[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
 
 
-def split_to_tensors(split, tokenizer, config):
+# The colour names a sprite can be recoloured to and from, and the median hue (degrees), saturation and value of the
+# sprite pixels (alpha > 0.5; the hue of those with saturation > 0.25 and value > 0.3) of the 669 training Pokémon of
+# each colour. The other PokéAPI colours (black, brown, gray, white) are told apart by value and saturation, not hue:
+# their sprites keep their colours.
+COLOUR_HSV = {"red": (13, 0.44, 0.75), "yellow": (46, 0.41, 0.81), "green": (99, 0.36, 0.70),
+              "blue": (200, 0.34, 0.73), "purple": (254, 0.22, 0.67), "pink": (352, 0.22, 0.86)}
+
+
+def colour_captions(split):
+    """The captions of recoloured sprites: for sprite n, rows n * K to n * K + K - 1 (K = len(COLOUR_HSV)) are its
+    caption with the first whole word naming its `color` swapped for each name of COLOUR_HSV in turn. Returns those
+    N * K captions and each sprite's colour as an index into COLOUR_HSV: -1 where it is never recoloured (a colour
+    outside COLOUR_HSV, or a caption that does not name it), and then its rows are its own caption."""
+    columns = split.column_names if hasattr(split, "column_names") else list(split)
+    if "color" not in columns:
+        raise PreflightError("recolouring needs each sprite's colour name, and the dataset has no 'color' column "
+                             f"(it has {columns}); set data.recolour to 0, or add the column to the CSV")
+    names, captions, colours = list(COLOUR_HSV), [], []
+    for text, color in zip(split["text"], split["color"]):
+        word = re.compile(rf"\b{re.escape(color)}\b") if color in COLOUR_HSV else None
+        named = word is not None and word.search(text) is not None
+        colours.append(names.index(color) if named else -1)
+        captions += [word.sub(name, text, count=1) if named else text for name in names]
+    return captions, torch.tensor(colours)
+
+
+def split_to_tensors(split, tokenizer, config, recolour=False):
     """Decode every sprite and tokenise every caption once: (N, C, H, W) uint8 pixels and padded token ids.
 
     A sprite of another size than `config.image_size` is fitted as prepare_dataset.py fits one (fit_sprite: padded,
@@ -65,6 +95,9 @@ def split_to_tensors(split, tokenizer, config):
     `max_text_length`: padding is masked everywhere, so the result is the same, but short captions (a user's
     one-liners, the synthetic creatures' 16 tokens) then cost the token transformer and every cross-attention a
     third of the work.
+
+    With `recolour`, the token ids (and masks) also hold colour_captions' N * K captions after the N own ones, and
+    "colour" each sprite's colour index, for `recolour()`.
     """
     size = config.image_size
     pixels = []
@@ -72,8 +105,15 @@ def split_to_tensors(split, tokenizer, config):
         array = np.asarray(fit_sprite(image.convert("RGBA"), size))
         pixels.append(on_white(array) if config.num_channels == 3 else array)
     pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-    text = tokenizer(list(split["text"]), padding="longest", truncation=True, max_length=config.max_text_length, return_tensors="pt")
-    return {"pixels": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+    captions, tensors = list(split["text"]), {"pixels": pixels}
+    if recolour:
+        if config.num_channels != 4:
+            raise PreflightError("recolouring needs RGBA sprites (num_channels 4): on white, the background cannot be "
+                                 "told from the white parts of a sprite; set data.recolour to 0")
+        recoloured, tensors["colour"] = colour_captions(split)
+        captions += recoloured
+    text = tokenizer(captions, padding="longest", truncation=True, max_length=config.max_text_length, return_tensors="pt")
+    return {**tensors, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
 def augment(pixels, hflip, max_shift, background):
@@ -95,3 +135,35 @@ def augment(pixels, hflip, max_shift, background):
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x - background, grid, mode="nearest", padding_mode="zeros", align_corners=False) + background
     return x * 2 - 1
+
+
+def recolour(pixels, idx, colour, share):
+    """Recolour a random `share` of a batch to a colour name drawn from COLOUR_HSV, shiny-Pokémon style: the same
+    creature, its hue turned and its saturation and value scaled from its own colour's medians to the new one's.
+    A creature's shape is then learnt from its description, apart from the colour its caption names.
+
+    `pixels`: the batch (augment's floats in [-1, 1], RGBA); `idx`: their sprites' indices; `colour`:
+    split_to_tensors(..., recolour=True)["colour"]. Returns the pixels and the rows of that split's token ids to
+    train them with: the own caption (idx), or the caption naming the new colour. Alpha is kept.
+    """
+    k, n = len(COLOUR_HSV), len(colour)
+    own = colour[idx]
+    chosen = (torch.rand(len(idx), device=pixels.device) < share) & (own >= 0)
+    new = torch.randint(k, (len(idx),), device=pixels.device)
+    medians = torch.tensor(list(COLOUR_HSV.values()), device=pixels.device)
+    src, dst = medians[own.clamp(min=0)][:, :, None, None], medians[new][:, :, None, None]
+    x = (pixels + 1) / 2
+    rgb = x[:, :3]
+    value, largest = rgb.max(1, keepdim=True)
+    chroma = value - rgb.min(1, keepdim=True).values
+    r, g, b = rgb.split(1, dim=1)
+    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(largest == 0, ((g - b) / c) % 6, torch.where(largest == 1, (b - r) / c + 2, (r - g) / c + 4))
+    hue = (hue + (dst[:, 0:1] - src[:, 0:1]) / 60) % 6  # in sixths of the circle
+    saturation = (chroma / value.clamp(min=1e-6) * dst[:, 1:2] / src[:, 1:2]).clamp(0, 1)
+    value = (value * dst[:, 2:3] / src[:, 2:3]).clamp(0, 1)
+    # HSV back to RGB: channel = value * (1 - saturation * clamp(min(j, 4 - j), 0, 1)), j = (m + hue) mod 6
+    j = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue) % 6
+    turned = value * (1 - saturation * torch.minimum(j, 4 - j).clamp(0, 1))
+    x = torch.cat([torch.where(chosen[:, None, None, None], turned, rgb), x[:, 3:]], dim=1)
+    return x * 2 - 1, torch.where(chosen, n + idx * k + new, idx)

@@ -216,11 +216,15 @@ class DataArguments(Checked):
     dataset: str = setting("data/pokesprite", "prepare_dataset.py output folder or Hub dataset id")
     hflip: bool = setting(True, "augmentation: random horizontal flips (--no_hflip turns them off)")
     max_shift: int = setting(4, "augmentation: random shifts of up to this many pixels (0: none)")
+    recolour: float = setting(0.0, "augmentation: the share of sprites recoloured, shiny-Pokémon style, to another of "
+                              "red, yellow, green, blue, purple and pink, their caption's colour word swapped to match "
+                              "(0: none). Needs the dataset's 'color' column and RGBA sprites")
 
     def __post_init__(self):
         self._text("dataset")
         self._boolean("hflip")
         self._integer("max_shift", 0)
+        self._number("recolour", 0, high=1, high_open=False)
 
     def check_for(self, image_size):
         """A shift must leave part of a sprite of `image_size` in view."""

@@ -41,7 +41,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 from attention_maps import attention_figure, attention_for_prompt, sprite_grid
 from configuration_pokesprite import PokeSpriteConfig
-from data_pokesprite import augment, load_splits, split_to_tensors
+from data_pokesprite import augment, load_splits, recolour, split_to_tensors
 from modeling_pokesprite import GENERATORS, PokeSpriteModel
 from settings_pokesprite import PreflightError, error_summary, load_config, parse_args, use_channels_last
 
@@ -918,8 +918,8 @@ def main(args):
     # model, and the whole dataset on its device as tensors: no per-step decoding, no DataLoader workers
     model = build_model(accelerator, settings)
     tokenizer, config = model.tokenizer, model.config
-    train, val = ({k: v.to(accelerator.device) for k, v in split_to_tensors(splits[name], tokenizer, config).items()}
-                  for name in ("train", "validation"))
+    train, val = ({k: v.to(accelerator.device) for k, v in split_to_tensors(splits[name], tokenizer, config, recoloured).items()}
+                  for name, recoloured in (("train", data.recolour > 0), ("validation", False)))
     model.to(accelerator.device)
     text_cache, val_text_cache = cached_text_features(model, train, val)
     background = 0.0 if config.num_channels == 4 else 1.0
@@ -972,10 +972,12 @@ def main(args):
                 started = time.perf_counter()
                 batches_done += 1
                 with accelerator.accumulate(model):
+                    pixels, rows = augment(train["pixels"][idx], data.hflip, data.max_shift, background), idx
+                    if data.recolour > 0:  # rows: the captions naming each sprite's colour, new or its own
+                        pixels, rows = recolour(pixels, idx, train["colour"], data.recolour)
                     out = forward(
-                        train["input_ids"][idx], train["attention_mask"][idx],
-                        pixel_values=augment(train["pixels"][idx], data.hflip, data.max_shift, background),
-                        bert_hidden_states=None if text_cache is None else text_cache[idx],
+                        train["input_ids"][rows], train["attention_mask"][rows], pixel_values=pixels,
+                        bert_hidden_states=None if text_cache is None else text_cache[rows],
                     )
                     # a non-finite loss on any process poisons the averaged gradients, so every process skips
                     bad = (~torch.isfinite(out.loss.detach())).float()

@@ -6,12 +6,17 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
+import colorsys
+
+import evaluate
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from data_pokesprite import augment, on_white, split_to_tensors
+from data_pokesprite import COLOUR_HSV, augment, colour_captions, on_white, recolour, split_to_tensors
 from prepare_dataset import load_sprite
+from settings_pokesprite import PreflightError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +68,60 @@ def test_augment_keeps_uint8_sprites_in_range_and_only_moves_them():
     torch.testing.assert_close(out, pixels.float() / 127.5 - 1)
     shifted = augment(pixels, hflip=True, max_shift=2, background=0.0)
     assert shifted.shape == pixels.shape and shifted.min() >= -1 and shifted.max() <= 1
+
+
+def creature(rgb, size=32):
+    """A disc of colour `rgb` (0-255) on a transparent square, as a PIL image."""
+    image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    array = np.asarray(image).copy()
+    array[disc] = (*rgb, 255)
+    return Image.fromarray(array)
+
+
+RECOLOUR_SPLIT = {
+    # a sprite in red's median hue, more saturated; a brown one; a red one whose caption does not name its colour
+    "image": [creature([round(255 * c) for c in colorsys.hsv_to_rgb(13 / 360, 0.6, 0.8)]), creature((120, 80, 40)),
+              creature((220, 40, 40))],
+    "text": ["a small red creature, reddish red eyes", "a brown creature", "a fiery creature"],
+    "color": ["red", "brown", "red"],
+}
+
+
+def test_colour_captions_swap_the_first_whole_colour_word_and_skip_what_cannot_be_recoloured():
+    captions, colours = colour_captions(RECOLOUR_SPLIT)
+    k = len(COLOUR_HSV)
+    assert len(captions) == 3 * k and colours.tolist() == [list(COLOUR_HSV).index("red"), -1, -1]
+    assert captions[:k] == [f"a small {name} creature, reddish red eyes" for name in COLOUR_HSV]
+    assert captions[k:] == ["a brown creature"] * k + ["a fiery creature"] * k  # their own, never drawn
+    with pytest.raises(PreflightError, match="no 'color' column"):
+        colour_captions({"image": [], "text": []})
+    config = SimpleNamespace(image_size=32, num_channels=3, max_text_length=8)
+    with pytest.raises(PreflightError, match="RGBA"):
+        split_to_tensors(RECOLOUR_SPLIT, Tokenizer(), config, recolour=True)
+
+
+def test_recolour_paints_a_sprite_in_the_colour_its_new_caption_names():
+    """Recoloured to each name, the red sprite is named that colour by the colour-agreement metric's own namer; the
+    rows point at the captions that name it; alpha, and the sprites that cannot be recoloured, stay as they were."""
+    config = SimpleNamespace(image_size=32, num_channels=4, max_text_length=8)
+    tensors = split_to_tensors(RECOLOUR_SPLIT, Tokenizer(), config, recolour=True)
+    assert len(tensors["input_ids"]) == 3 + 3 * len(COLOUR_HSV)  # the own captions first, then colour_captions'
+    captions = RECOLOUR_SPLIT["text"] + colour_captions(RECOLOUR_SPLIT)[0]
+    idx = torch.tensor([0] * 60 + [1, 2])
+    pixels = augment(tensors["pixels"][idx], hflip=False, max_shift=0, background=0.0)
+
+    same, rows = recolour(pixels, idx, tensors["colour"], share=0.0)
+    assert torch.equal(same, pixels) and torch.equal(rows, idx)
+
+    torch.manual_seed(0)
+    out, rows = recolour(pixels, idx, tensors["colour"], share=1.0)
+    assert torch.equal(out[:, 3], pixels[:, 3]) and torch.equal(out[60:], pixels[60:]) and rows[60:].tolist() == [1, 2]
+    named = [captions[r].split()[2] for r in rows[:60].tolist()]
+    assert set(named) == set(COLOUR_HSV)  # 60 draws reach every colour
+    namer = evaluate.load(str(REPO_ROOT / "metrics" / "colour_agreement"))
+    assert namer.name_colours((out[:60] + 1) / 2) == named
 
 
 def test_no_module_imports_the_training_script():

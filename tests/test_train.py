@@ -173,6 +173,13 @@ def pixel_head_flow_run(colour_dataset_dir, tmp_path_factory):
                            unet_pixel_head_channels=8)
 
 
+@pytest.fixture(scope="module")
+def recoloured_flow_run(colour_dataset_dir, tmp_path_factory):
+    """flow_run's model, half of its sprites recoloured and their captions' colour words swapped (`--recolour`)."""
+    return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "flow", "--recolour", 0.5, unet_patch_size=2,
+                           unet_attention_resolutions=[8, 4])
+
+
 # the latent flow: an autoencoder from tiny.yaml's 32 px to 4 x 16 x 16 latents and the UNet on them (16/8/4 px, as
 # flow_run's on 2x2 patches)
 LATENT_SIZES = dict(unet_patch_size=2, unet_attention_resolutions=[8], latent_channels=4, autoencoder_channels=[8, 16])
@@ -327,7 +334,7 @@ def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
     assert val[400] < 0.6 * val[0], val
 
 
-@pytest.mark.parametrize("run", ["flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "latent_flow_run",
+@pytest.mark.parametrize("run", ["flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "recoloured_flow_run", "latent_flow_run",
                                  "staged_latent_flow_run"])
 def test_flow_learns_validation_loss_falls_well_below_its_start(run, request):
     val = scalars(request.getfixturevalue(run) / LOGS)["val/loss"]
@@ -429,7 +436,7 @@ def test_latent_flow_stage_without_init_from_is_refused_before_training(colour_d
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]  # refused before any step or log
 
 
-@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "self_conditioned_flow_run", "pixel_head_flow_run",
+@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "recoloured_flow_run",
                                  "latent_flow_run", "staged_latent_flow_run"])
 def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
     model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()

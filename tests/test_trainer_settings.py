@@ -65,6 +65,7 @@ FLAG_CASES = {
     "lr_scheduler_that_needs_a_metric": (["--lr_scheduler", "reduce_lr_on_plateau"],
                                          "--lr_scheduler (training.lr_scheduler) 'reduce_lr_on_plateau' does not work with this trainer "
                                          "(TypeError: ReduceLROnPlateau.step() missing 1 required positional argument: 'metrics')"),
+    "recolour_above_1": (["--recolour", "1.5"], "--recolour (data.recolour) must be a finite number at least 0 and at most 1, got 1.5"),
 }
 
 YAML_CASES = {
