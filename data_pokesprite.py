@@ -3,16 +3,20 @@
     splits = load_splits("data/pokesprite")                  # prepare_dataset.py's output folder, or a Hub id
     train = split_to_tensors(splits["train"], tokenizer, config)  # uint8 pixels, token ids, attention masks
     pixels = augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0)  # floats in [-1, 1]
-    pixels, rows = recolour(pixels, idx, train["colour"], share=0.5)  # with split_to_tensors(..., recolour=True)
-    text = train["input_ids"][rows]                                    # the captions that name the new colours
+    pixels, rows = recolour(pixels, idx, train, share=0.5)         # with split_to_tensors(..., recolour=True)
+    text = train["input_ids"][rows]                                 # the captions that name the new colours
+
+    write_json("outputs/eval/run/eval.json", metrics)  # whole or not at all: a temporary file renamed into place
 
 train_accelerate.py, evaluate_model.py and benchmarks/bench_train.py read their data through these. Sprites of
-another size than the model's are fitted by prepare_dataset.fit_sprite, the rule prepare_dataset.py applies.
+another size than the model's are fitted by prepare_dataset.fit_sprite, the rule prepare_dataset.py applies. Every
+script that leaves a JSON table (the trainer, evaluate_model.py, scripts/, benchmarks/) writes it with write_json.
 """
 
-from pathlib import Path
-
+import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,21 +74,29 @@ COLOUR_HSV = {"red": (13, 0.44, 0.75), "yellow": (46, 0.41, 0.81), "green": (99,
 
 
 def colour_captions(split):
-    """The captions of recoloured sprites: for sprite n, rows n * K to n * K + K - 1 (K = len(COLOUR_HSV)) are its
-    caption with the first whole word naming its `color` swapped for each name of COLOUR_HSV in turn. Returns those
-    N * K captions and each sprite's colour as an index into COLOUR_HSV: -1 where it is never recoloured (a colour
-    outside COLOUR_HSV, or a caption that does not name it), and then its rows are its own caption."""
+    """The captions of recoloured sprites: each recolourable sprite's caption with the first whole word naming its
+    `color` swapped for each name of COLOUR_HSV in turn (K = len(COLOUR_HSV) captions a sprite).
+
+    A sprite is recolourable when its colour is in COLOUR_HSV and its caption names it. Returns those captions, each
+    sprite's colour as an index into COLOUR_HSV (-1: never recoloured), and an (N, K) table of where the caption of
+    sprite n in colour k is among `split["text"] + captions`: its own row n where it is never recoloured.
+    """
     columns = split.column_names if hasattr(split, "column_names") else list(split)
     if "color" not in columns:
         raise PreflightError("recolouring needs each sprite's colour name, and the dataset has no 'color' column "
                              f"(it has {columns}); set data.recolour to 0, or add the column to the CSV")
-    names, captions, colours = list(COLOUR_HSV), [], []
-    for text, color in zip(split["text"], split["color"]):
+    names, n = list(COLOUR_HSV), len(split["text"])
+    captions, colours, rows = [], [], []
+    for i, (text, color) in enumerate(zip(split["text"], split["color"])):
         word = re.compile(rf"\b{re.escape(color)}\b") if color in COLOUR_HSV else None
-        named = word is not None and word.search(text) is not None
-        colours.append(names.index(color) if named else -1)
-        captions += [word.sub(name, text, count=1) if named else text for name in names]
-    return captions, torch.tensor(colours)
+        if word is None or word.search(text) is None:
+            colours.append(-1)
+            rows.append([i] * len(names))
+            continue
+        colours.append(names.index(color))
+        rows.append(list(range(n + len(captions), n + len(captions) + len(names))))
+        captions += [word.sub(name, text, count=1) for name in names]
+    return captions, torch.tensor(colours), torch.tensor(rows, dtype=torch.long).reshape(n, len(names))
 
 
 def split_to_tensors(split, tokenizer, config, recolour=False):
@@ -96,8 +108,9 @@ def split_to_tensors(split, tokenizer, config, recolour=False):
     one-liners, the synthetic creatures' 16 tokens) then cost the token transformer and every cross-attention a
     third of the work.
 
-    With `recolour`, the token ids (and masks) also hold colour_captions' N * K captions after the N own ones, and
-    "colour" each sprite's colour index, for `recolour()`.
+    With `recolour`, the token ids (and masks) also hold colour_captions' captions after the N own ones, for
+    `recolour()`: "colour" is each sprite's colour index, "colour_rows" the row of its caption in each colour, and
+    "colour_hsv" COLOUR_HSV's medians as a (K, 3) tensor, moved to the device with the rest.
     """
     size = config.image_size
     pixels = []
@@ -110,7 +123,8 @@ def split_to_tensors(split, tokenizer, config, recolour=False):
         if config.num_channels != 4:
             raise PreflightError("recolouring needs RGBA sprites (num_channels 4): on white, the background cannot be "
                                  "told from the white parts of a sprite; set data.recolour to 0")
-        recoloured, tensors["colour"] = colour_captions(split)
+        recoloured, tensors["colour"], tensors["colour_rows"] = colour_captions(split)
+        tensors["colour_hsv"] = torch.tensor(list(COLOUR_HSV.values()))
         captions += recoloured
     text = tokenizer(captions, padding="longest", truncation=True, max_length=config.max_text_length, return_tensors="pt")
     return {**tensors, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
@@ -137,20 +151,18 @@ def augment(pixels, hflip, max_shift, background):
     return x * 2 - 1
 
 
-def recolour(pixels, idx, colour, share):
+def recolour(pixels, idx, tensors, share):
     """Recolour a random `share` of a batch to a colour name drawn from COLOUR_HSV, shiny-Pokémon style: the same
     creature, its hue turned and its saturation and value scaled from its own colour's medians to the new one's.
     A creature's shape is then learnt from its description, apart from the colour its caption names.
 
-    `pixels`: the batch (augment's floats in [-1, 1], RGBA); `idx`: their sprites' indices; `colour`:
-    split_to_tensors(..., recolour=True)["colour"]. Returns the pixels and the rows of that split's token ids to
-    train them with: the own caption (idx), or the caption naming the new colour. Alpha is kept.
+    `pixels`: the batch (augment's floats in [-1, 1], RGBA); `idx`: their sprites' indices; `tensors`: the split
+    from split_to_tensors(..., recolour=True). Returns the pixels and the rows of that split's token ids to train
+    them with: the own caption (idx), or the caption naming the new colour. Alpha is kept.
     """
-    k, n = len(COLOUR_HSV), len(colour)
-    own = colour[idx]
+    own, medians = tensors["colour"][idx], tensors["colour_hsv"]
     chosen = (torch.rand(len(idx), device=pixels.device) < share) & (own >= 0)
-    new = torch.randint(k, (len(idx),), device=pixels.device)
-    medians = torch.tensor(list(COLOUR_HSV.values()), device=pixels.device)
+    new = torch.randint(len(medians), (len(idx),), device=pixels.device)
     src, dst = medians[own.clamp(min=0)][:, :, None, None], medians[new][:, :, None, None]
     x = (pixels + 1) / 2
     rgb = x[:, :3]
@@ -166,4 +178,13 @@ def recolour(pixels, idx, colour, share):
     j = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue) % 6
     turned = value * (1 - saturation * torch.minimum(j, 4 - j).clamp(0, 1))
     x = torch.cat([torch.where(chosen[:, None, None, None], turned, rgb), x[:, 3:]], dim=1)
-    return x * 2 - 1, torch.where(chosen, n + idx * k + new, idx)
+    return x * 2 - 1, torch.where(chosen, tensors["colour_rows"][idx, new], idx)
+
+
+def write_json(path, obj):
+    """`obj` as indented JSON at `path`, written beside it first and renamed into place: an interrupted run leaves the
+    previous file or none, never half a table that a later script would read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

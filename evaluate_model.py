@@ -38,8 +38,6 @@ The options have the diffusers scripts' names (--output_dir, --num_images_per_pr
 """
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,7 @@ from transformers import AutoModel, AutoTokenizer
 from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
-from data_pokesprite import load_splits, split_to_tensors
+from data_pokesprite import load_splits, split_to_tensors, write_json
 from generate import GenerateError, check_output_folder, config_range, read_prompts_file, sampling_options
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -232,9 +230,7 @@ def main(argv=None):
     if descriptions:
         new = generate_per_seed(model, descriptions, 2, args.batch_size, **sampling)
         sample_sheet(new, len(descriptions)).save(out / "new-descriptions.png")
-    tmp = out / ".eval.json.tmp"  # renamed into place: an interrupted evaluation leaves no half-written eval.json
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "eval.json")
+    write_json(out / "eval.json", metrics)
     for key, value in metrics.items():
         print(f"{key:40s} {value:.4f}" if isinstance(value, float) else f"{key:40s} {value}")
     return metrics

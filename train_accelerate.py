@@ -41,7 +41,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 from attention_maps import attention_figure, attention_for_prompt, sprite_grid
 from configuration_pokesprite import PokeSpriteConfig
-from data_pokesprite import augment, load_splits, recolour, split_to_tensors
+from data_pokesprite import augment, load_splits, recolour, split_to_tensors, write_json
 from modeling_pokesprite import GENERATORS, PokeSpriteModel
 from settings_pokesprite import PreflightError, error_summary, load_config, parse_args, use_channels_last
 
@@ -886,7 +886,7 @@ def save_final_model(accelerator, settings, final, tokenizer, prompts, metrics, 
     grid = log_samples(accelerator, final, prompts, metrics["step"], output_dir, settings.training.seed)
     grid.save(output_dir / "samples.png")
     save_model_card(output_dir, settings, metrics, settings.data.dataset, settings.model.model_name, prompts=prompts)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
+    write_json(output_dir / RESULTS_FILE, metrics)
     if settings.output.report_to in ("wandb", "all"):
         best_checkpoint = output_dir / f"checkpoint-{best['step']}" if best["step"] else None
         log_wandb_artifacts(accelerator, output_dir, best_checkpoint)
@@ -974,7 +974,7 @@ def main(args):
                 with accelerator.accumulate(model):
                     pixels, rows = augment(train["pixels"][idx], data.hflip, data.max_shift, background), idx
                     if data.recolour > 0:  # rows: the captions naming each sprite's colour, new or its own
-                        pixels, rows = recolour(pixels, idx, train["colour"], data.recolour)
+                        pixels, rows = recolour(pixels, idx, train, data.recolour)
                     out = forward(
                         train["input_ids"][rows], train["attention_mask"][rows], pixel_values=pixels,
                         bert_hidden_states=None if text_cache is None else text_cache[rows],

@@ -9,8 +9,6 @@ training step (about 0.5-0.7 s for config/cpu.yaml on 2 cores, benchmarks/bench_
 """
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -20,7 +18,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pokesprite import augment, load_splits, recolour, split_to_tensors  # noqa: E402
+from data_pokesprite import augment, load_splits, recolour, split_to_tensors, write_json  # noqa: E402
+from machine import machine  # noqa: E402
 
 
 class Tokenizer:
@@ -59,11 +58,10 @@ def main(argv=None):
 
     def with_recolour():
         idx = batch()
-        return recolour(augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0), idx, train["colour"], 0.5)
+        return recolour(augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0), idx, train, 0.5)
 
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": machine("cpu"),
         "batch_size": args.batch_size,
         "recolourable_sprites": int((train["colour"] >= 0).sum()),
         "sprites": n,
@@ -72,10 +70,7 @@ def main(argv=None):
     }
     print(json.dumps(results, indent=2))
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

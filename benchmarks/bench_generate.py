@@ -11,8 +11,6 @@ the median wall time of `--repeats` timed calls of `model.generate`, after one w
 """
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level model files of this checkout
 
 from configuration_pokesprite import PokeSpriteConfig  # noqa: E402
+from machine import describe, machine  # noqa: E402
 from modeling_pokesprite import PokeSpriteModel  # noqa: E402
 
 GENERATOR_TYPES = ("decoder", "diffusion", "flow")  # flow at PokeSpriteConfig's defaults costs what diffusion does
@@ -114,24 +113,6 @@ def time_generate(model, input_ids, attention_mask, args, device):
     return statistics.median(times)
 
 
-def machine(device):
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    lines = [
-        f"- CPU: {cpu} ({os.cpu_count()} logical cores), torch threads: {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-    ]
-    if hasattr(os, "getloadavg"):
-        lines.append("- load average before the run (1/5/15 min): " + " / ".join(f"{x:.1f}" for x in os.getloadavg()))
-    if device.type == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
-    return "\n".join(lines)
-
-
 def millions(n):
     return f"{n / 1e6:.2f}M"
 
@@ -147,7 +128,7 @@ def main():
     precision = "bf16 autocast" if args.bf16 else "fp32"
 
     print(f"## PokeSprite generation benchmark ({device.type}, {precision})\n")
-    print(machine(device) + "\n")
+    print(f"machine: {describe(machine(device))}\n")
 
     counts, speeds = {}, []
     for generator_type in args.generator_types:

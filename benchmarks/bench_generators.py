@@ -18,8 +18,6 @@ the other:
 """
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from configuration_pokesprite import PokeSpriteConfig  # noqa: E402
+from data_pokesprite import write_json  # noqa: E402
+from machine import describe, machine  # noqa: E402
 from modeling_pokesprite import PokeSpriteModel  # noqa: E402
 from settings_pokesprite import model_settings  # noqa: E402
 
@@ -148,8 +148,7 @@ def time_generation(model, batch):
 
 def main(argv=None):
     args = parse_args(argv)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads", "batch_size": args.batch_size, "rows": []}
+    results = {"machine": machine("cpu"), "batch_size": args.batch_size, "rows": []}
     conv = time_training(conv_stack_step(args.batch_size), args.batch_size, args.steps, args.warmup)
     results["conv_stack"] = conv
     print(f"plain conv stack: {conv['gflop_per_s']:.0f} GFLOP/s", flush=True)
@@ -167,7 +166,7 @@ def main(argv=None):
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"\n{results['machine']}, batch {args.batch_size}\n")
+    print(f"\n{describe(results['machine'])}, batch {args.batch_size}\n")
     print("| generator | trained params | train images/s | GFLOP/sprite (train step) | GFLOP/s | s/sprite (generate) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results["rows"]:
@@ -176,7 +175,7 @@ def main(argv=None):
     print(f"| plain conv stack | | {conv['images_per_s']:.1f} | {conv['gflop_per_sprite']:.2f} | {conv['gflop_per_s']:.0f} | |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

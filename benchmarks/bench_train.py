@@ -28,7 +28,6 @@ diffusion: its default num_inference_steps with classifier-free guidance); bf16 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,6 +42,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the plain DataLoader
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from data_pokesprite import write_json  # noqa: E402
+from machine import describe, machine  # noqa: E402
 
 # mode -> (data, bf16, channels_last, compile mode); channels_last None: as the trainer, on for CPU only
 MODES = {
@@ -338,19 +340,6 @@ def run_child(args):
 # the parent: data once, then one process per measurement
 
 
-def machine(device):
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
 def in_child(args, what, data_dir):
     command = [sys.executable, __file__, "--child", what, "--data-dir", str(data_dir), "--device", args.device,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -394,8 +383,7 @@ def table(results, generation, info, source):
     plain = next((r["images_per_s"] for r in results if r.get("mode") == "plain" and "error" not in r), None)
     kind = "peak GPU memory (max_memory_allocated)" if info["gpu"] else "peak RSS"
     lines = [
-        f"machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
-        f"GPU: {info['gpu'] or 'none'}, torch {info['torch']}, Python {info['python']}, load average {info['load_average']:.1f}",
+        f"machine: {describe(info)}",
         f"data: {source}",
     ]
     if results:
@@ -432,8 +420,8 @@ def main(argv=None):
 
     def save():  # after every measurement, so that a run cut short by a timeout still leaves what it measured
         if args.out:
-            Path(args.out).write_text(json.dumps({"command": command, "machine": info, "data": source,
-                                                  "training": results, "generation": generation}, indent=2))
+            write_json(args.out, {"command": command, "machine": info, "data": source,
+                                  "training": results, "generation": generation})
 
     with tempfile.TemporaryDirectory() as tmp:
         source, n = write_data_dir(args, Path(tmp))

@@ -19,8 +19,6 @@ that sheet out of the repository.
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_maps import sprite_grid  # noqa: E402
-from data_pokesprite import augment, load_splits, split_to_tensors  # noqa: E402
+from data_pokesprite import augment, load_splits, split_to_tensors, write_json  # noqa: E402
 from settings_pokesprite import PreflightError  # noqa: E402
 
 
@@ -79,10 +77,7 @@ def main(argv=None):
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")  # renamed into place: an interrupted run leaves no half-written table
-        tmp.write_text(json.dumps({"model": args.model, "split": args.split, "num_sprites": len(sprites), "rows": rows},
-                                  indent=2))
-        os.replace(tmp, out)
+        write_json(out, {"model": args.model, "split": args.split, "num_sprites": len(sprites), "rows": rows})
     if args.sheet:
         images = torch.cat([sprites[:8], *estimates])
         sprite_grid(((images + 1) / 2).clamp(0, 1), nrow=min(8, len(sprites))).save(args.sheet)

@@ -90,11 +90,12 @@ RECOLOUR_SPLIT = {
 
 
 def test_colour_captions_swap_the_first_whole_colour_word_and_skip_what_cannot_be_recoloured():
-    captions, colours = colour_captions(RECOLOUR_SPLIT)
+    captions, colours, rows = colour_captions(RECOLOUR_SPLIT)
     k = len(COLOUR_HSV)
-    assert len(captions) == 3 * k and colours.tolist() == [list(COLOUR_HSV).index("red"), -1, -1]
-    assert captions[:k] == [f"a small {name} creature, reddish red eyes" for name in COLOUR_HSV]
-    assert captions[k:] == ["a brown creature"] * k + ["a fiery creature"] * k  # their own, never drawn
+    assert colours.tolist() == [list(COLOUR_HSV).index("red"), -1, -1]
+    # captions only for the one sprite that can be recoloured; the others' rows are their own captions
+    assert captions == [f"a small {name} creature, reddish red eyes" for name in COLOUR_HSV]
+    assert rows.tolist() == [list(range(3, 3 + k)), [1] * k, [2] * k]
     with pytest.raises(PreflightError, match="no 'color' column"):
         colour_captions({"image": [], "text": []})
     config = SimpleNamespace(image_size=32, num_channels=3, max_text_length=8)
@@ -107,16 +108,16 @@ def test_recolour_paints_a_sprite_in_the_colour_its_new_caption_names():
     rows point at the captions that name it; alpha, and the sprites that cannot be recoloured, stay as they were."""
     config = SimpleNamespace(image_size=32, num_channels=4, max_text_length=8)
     tensors = split_to_tensors(RECOLOUR_SPLIT, Tokenizer(), config, recolour=True)
-    assert len(tensors["input_ids"]) == 3 + 3 * len(COLOUR_HSV)  # the own captions first, then colour_captions'
+    assert len(tensors["input_ids"]) == 3 + len(COLOUR_HSV)  # the own captions first, then colour_captions'
     captions = RECOLOUR_SPLIT["text"] + colour_captions(RECOLOUR_SPLIT)[0]
     idx = torch.tensor([0] * 60 + [1, 2])
     pixels = augment(tensors["pixels"][idx], hflip=False, max_shift=0, background=0.0)
 
-    same, rows = recolour(pixels, idx, tensors["colour"], share=0.0)
+    same, rows = recolour(pixels, idx, tensors, share=0.0)
     assert torch.equal(same, pixels) and torch.equal(rows, idx)
 
     torch.manual_seed(0)
-    out, rows = recolour(pixels, idx, tensors["colour"], share=1.0)
+    out, rows = recolour(pixels, idx, tensors, share=1.0)
     assert torch.equal(out[:, 3], pixels[:, 3]) and torch.equal(out[60:], pixels[60:]) and rows[60:].tolist() == [1, 2]
     named = [captions[r].split()[2] for r in rows[:60].tolist()]
     assert set(named) == set(COLOUR_HSV)  # 60 draws reach every colour
