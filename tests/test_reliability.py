@@ -369,6 +369,34 @@ def test_preflight_stops_before_loading_anything_with_one_line_and_exit_code_2(
     assert not output_dir.is_dir() or not any(output_dir.iterdir())
 
 
+@pytest.mark.parametrize("limit, warned", [(3, True), (1, False)])
+def test_preflight_warns_when_the_checkpoints_a_run_keeps_will_not_fit(limit, warned, tmp_path, monkeypatch, caplog):
+    """Room for one checkpoint is enough to start; room for fewer than the run keeps (the last `limit`, the best and
+    the model) is a warning that says what to lower."""
+    from accelerate import PartialState
+
+    from settings_pokesprite import load_settings
+
+    PartialState()  # the trainer's logger is accelerate's, as in main()
+    monkeypatch.setattr(train_accelerate, "checkpoint_bytes", lambda model: 2**30)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 3 * 2**30, 3 * 2**30))
+    caplog.set_level(logging.WARNING, logger="train_accelerate")
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    settings = load_settings(TINY, model_name=str(MINILM), output_dir=str(output_dir), max_train_steps=100,
+                             checkpointing_steps=10, checkpoints_total_limit=limit)
+    train_accelerate.preflight(settings, output_dir)  # no error: one checkpoint fits
+    warnings = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "GiB free" in r.getMessage()]
+    if warned:  # the last 3 and the best, plus the model: 5 GiB
+        assert warnings == [f"3.0 GiB free in {output_dir}, and this run keeps up to 4 checkpoints of about 1.00 GiB: it "
+                            "will stop at the first save that does not fit; lower --checkpoints_total_limit or free some space"]
+    else:  # the last and the best, plus the model: 3 GiB fit
+        assert warnings == []
+    assert train_accelerate.checkpoints_kept(load_settings(TINY, max_train_steps=25, checkpointing_steps=10,
+                                                           checkpoints_total_limit=None).training) == 2
+
+
 # safe loading
 
 
