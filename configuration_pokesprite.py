@@ -120,6 +120,13 @@ class PokeSpriteConfig(PretrainedConfig):
             longer on `config/cpu.yaml`). On the CPU hour it smooths the speckle but does not make creatures, and
             leaves 28% fewer steps in equal time (RESULTS.md, "Self-conditioning"). Models saved without it load
             and sample as before.
+        augment_conditioning (`bool`, False): the iterative generators: the UNet is told how each training sprite was
+            flipped and shifted (the trainer's `hflip` and `max_shift`), through a zero-initialised linear map into its
+            timestep embedding, and sampling tells it "not at all" ("non-leaky augmentation", Karras et al., 2022,
+            "Elucidating the Design Space of Diffusion-Based Generative Models", appendix on augmentation
+            regularisation). A caption then stands for one sprite again instead of fifty flipped and shifted copies,
+            so the network need not average them, while it still learns from every copy. Models saved without it
+            load and sample as before.
     """
 
     model_type = "pokesprite"
@@ -168,6 +175,7 @@ class PokeSpriteConfig(PretrainedConfig):
     epsilon_scaling: float = 1.0
     input_perturbation: float = 0.0
     self_conditioning: bool = False
+    augment_conditioning: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -208,6 +216,9 @@ class PokeSpriteConfig(PretrainedConfig):
             raise ValueError(f"PokeSpriteConfig.unet_pixel_head_channels must be 0 for a {self.generator_type} UNet on "
                              f"{'latents' if self.generator_type == 'latent-flow' else 'unfolded pixels (unet_patch_size 1)'}: "
                              f"the head works at full resolution after 4x4 (or larger) patches are unfolded")
+        if self.augment_conditioning and self.generator_type == "decoder":
+            raise ValueError("PokeSpriteConfig.augment_conditioning is for the iterative generators (diffusion, flow, latent-flow), "
+                             "not the decoder")
         if self.generator_type == "latent-flow" and 2 ** (len(self.autoencoder_channels) - 1) != self.unet_patch_size:
             raise ValueError(f"autoencoder_channels has {len(self.autoencoder_channels)} entries, so its encoder halves the sprite "
                              f"{len(self.autoencoder_channels) - 1} times, but unet_patch_size is {self.unet_patch_size}: "
@@ -243,7 +254,7 @@ class PokeSpriteConfig(PretrainedConfig):
         for name in ("generator_type", "model_name", "latent_flow_stage"):
             if not isinstance(getattr(self, name), str):
                 fail(name, "a string")
-        for name in ("freeze_text_encoder", "unet_symmetric", "self_conditioning"):
+        for name in ("freeze_text_encoder", "unet_symmetric", "self_conditioning", "augment_conditioning"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
 

@@ -2,7 +2,7 @@
 
     splits = load_splits("data/pokesprite")                  # prepare_dataset.py's output folder, or a Hub id
     train = split_to_tensors(splits["train"], tokenizer, config)  # uint8 pixels, token ids, attention masks
-    pixels = augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0)  # floats in [-1, 1]
+    pixels, labels = augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0)  # floats in [-1, 1]
     pixels, rows = recolour(pixels, idx, train, share=0.5)         # with split_to_tensors(..., recolour=True)
     text = train["input_ids"][rows]                                 # the captions that name the new colours
 
@@ -131,24 +131,29 @@ def split_to_tensors(split, tokenizer, config, recolour=False):
 
 
 def augment(pixels, hflip, max_shift, background):
-    """uint8 sprites on the device -> floats in [-1, 1], each flipped and shifted by whole pixels at random.
+    """uint8 sprites on the device -> floats in [-1, 1], each flipped and shifted by whole pixels at random, and
+    what was done to each: labels (B, 3) of the flip (1 or 0) and the x and y shifts as shares of max_shift
+    (in [-1, 1]), all zero for an untouched sprite. A model with `augment_conditioning` reads them.
 
     Only geometry changes: colour is part of what the caption says. Shifted-in pixels are the background
     (transparent for RGBA, white for RGB).
     """
     x = pixels.float() / 255
     b = x.shape[0]
+    labels = torch.zeros(b, 3, device=x.device)
     if hflip:
         flip = torch.rand(b, device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        labels[:, 0] = flip.float()
     if max_shift > 0:
-        shift = torch.randint(-max_shift, max_shift + 1, (b, 2), device=x.device).float() * 2 / x.shape[-1]
+        steps = torch.randint(-max_shift, max_shift + 1, (b, 2), device=x.device).float()
         theta = torch.zeros(b, 2, 3, device=x.device)
         theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = shift
+        theta[:, :, 2] = steps * 2 / x.shape[-1]
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x - background, grid, mode="nearest", padding_mode="zeros", align_corners=False) + background
-    return x * 2 - 1
+        labels[:, 1:] = steps / max_shift
+    return x * 2 - 1, labels
 
 
 def recolour(pixels, idx, tensors, share):

@@ -24,6 +24,10 @@ except ImportError:  # imported from a checkout, where the two files are top-lev
 # helpers
 
 
+# augment_conditioning's labels per sprite: data_pokesprite.augment's flip (0 or 1) and x and y shifts (in [-1, 1])
+AUGMENT_LABELS = 3
+
+
 def masked_mean(tokens, mask):
     """Mean over the valid tokens: (B, T, D), (B, T) -> (B, D)."""
     weights = mask.unsqueeze(-1).to(tokens.dtype)
@@ -238,7 +242,8 @@ class PokeSpriteDecoder(PokeSpriteGenerator):
             terms.append((((1 - coverage) ** 2) * valid).sum(1) / n_valid)
         return torch.stack(terms).mean(0)
 
-    def loss(self, tokens, mask, pixel_values, noise, timesteps=None, output_attentions=False):
+    def loss(self, tokens, mask, pixel_values, noise, timesteps=None, output_attentions=False, augment_labels=None):
+        # augment_labels: not read; one pass from noise has nothing to tell apart (the config refuses augment_conditioning)
         c = self.config
         regularise = c.attention_weight > 0 and bool(c.cross_attention_resolutions)
         images, attentions = self(noise, tokens, mask, need_weights=output_attentions or regularise)
@@ -372,6 +377,11 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         embedding_dim = 4 * self.base
         self.time_mlp = nn.Sequential(nn.Linear(self.base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
         self.text_mlp = nn.Linear(config.hidden_size, embedding_dim)
+        # augment_conditioning: how the training sprite was flipped and shifted, read like the noise level. No bias and
+        # zero at first, so the labels of an unaugmented sprite (zeros, what sampling passes) add nothing
+        self.augment_mlp = nn.Linear(AUGMENT_LABELS, embedding_dim, bias=False) if config.augment_conditioning else None
+        if self.augment_mlp is not None:
+            self.augment_mlp.zero_init = True
         self.in_channels = in_channels or config.num_channels * p * p
         # with self-conditioning the previous estimate comes in beside the noisy input, folded the same way
         self.conv_in = nn.Conv2d(self.in_channels * (2 if config.self_conditioning else 1), self.base, 3, padding=1)
@@ -405,13 +415,16 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         self.conv_out.zero_init = True
         self.pixel_head = PokeSpritePixelHead(config, embedding_dim) if self.fold and config.unet_pixel_head_channels else None
 
-    def forward(self, x, timesteps, tokens, mask, need_weights=False, x0_prev=None):
+    def forward(self, x, timesteps, tokens, mask, need_weights=False, x0_prev=None, augment_labels=None):
         """`x0_prev`: with `self_conditioning`, the previous estimate of the clean sample (zeros, the default, when
-        there is none yet)."""
+        there is none yet). `augment_labels`: with `augment_conditioning`, each training sprite's (flip, x shift, y
+        shift) from `data_pokesprite.augment`; None, as at sampling, is an unaugmented sprite."""
         noisy = x
         if self.config.self_conditioning:
             x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)
         embedding = self.time_mlp(timestep_embedding(timesteps, self.base)) + self.text_mlp(masked_mean(tokens, mask))
+        if self.augment_mlp is not None and augment_labels is not None:
+            embedding = embedding + self.augment_mlp(augment_labels.to(embedding.dtype))
         attentions = []
 
         def block(level, i, h):
@@ -472,7 +485,7 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         """The generator's noise level on the scale the UNet's timestep embedding reads (0..num_train_timesteps)."""
         return t
 
-    def self_condition(self, x, t, tokens, mask):
+    def self_condition(self, x, t, tokens, mask, augment_labels=None):
         """The previous-estimate input of a training pass with `self_conditioning` (Chen et al., 2023, "Analog
         Bits"), None without it.
 
@@ -490,7 +503,8 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         x0_prev = torch.zeros_like(x)
         if chosen.any():
             with torch.no_grad():
-                out, _ = self(x[chosen], self.unet_time(t[chosen]), tokens[chosen], mask[chosen])
+                labels = None if augment_labels is None else augment_labels[chosen]
+                out, _ = self(x[chosen], self.unet_time(t[chosen]), tokens[chosen], mask[chosen], augment_labels=labels)
                 x0_prev[chosen] = self.clean_estimate(x[chosen], out.float(), t[chosen]).to(x.dtype)
         return x0_prev
 
@@ -543,12 +557,12 @@ class PokeSpriteDiffusion(PokeSpriteUNet):
     def draw_timesteps(self, batch_size, generator=None):
         return torch.randint(0, self.config.num_train_timesteps, (batch_size,), generator=generator)
 
-    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
+    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False, augment_labels=None):
         alpha, sigma = cosine_alpha_sigma(timesteps, self.config.num_train_timesteps)
         noisy = alpha * pixel_values + sigma * self.input_noise(noise)
         x_in = noisy.to(tokens.dtype)
-        x0_prev = self.self_condition(x_in, timesteps, tokens, mask)
-        v, attentions = self(x_in, timesteps, tokens, mask, output_attentions, x0_prev)
+        x0_prev = self.self_condition(x_in, timesteps, tokens, mask, augment_labels)
+        v, attentions = self(x_in, timesteps, tokens, mask, output_attentions, x0_prev, augment_labels)
         v = v.float()
         # v-prediction: a target of the same scale at every noise level
         loss_per_sample = (v - (alpha * noise - sigma * pixel_values)).pow(2).mean((1, 2, 3))
@@ -601,12 +615,12 @@ class PokeSpriteFlow(PokeSpriteUNet):
         # t below 0.05 would blow up the division; there the sprite is all but clean anyway
         return (x - x0) / t.view(-1, 1, 1, 1).clamp(min=0.05)
 
-    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
+    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False, augment_labels=None):
         t = timesteps.float().view(-1, 1, 1, 1)
         noisy = (1 - t) * pixel_values + t * noise
         x_in = ((1 - t) * pixel_values + t * self.input_noise(noise)).to(tokens.dtype)
-        x0_prev = self.self_condition(x_in, timesteps, tokens, mask)
-        x0, attentions = self(x_in, self.unet_time(timesteps), tokens, mask, output_attentions, x0_prev)
+        x0_prev = self.self_condition(x_in, timesteps, tokens, mask, augment_labels)
+        x0, attentions = self(x_in, self.unet_time(timesteps), tokens, mask, output_attentions, x0_prev, augment_labels)
         x0 = x0.float()
         # against the unperturbed path: (noisy - x0_hat) / t - (noise - x0) = (x0 - x0_hat) / t, so a perturbed input
         # still asks for the clean sprite
@@ -698,7 +712,7 @@ class PokeSpriteLatentFlow(PokeSpriteFlow):
         size = c.image_size // c.unet_patch_size
         return (batch_size, c.latent_channels, size, size)
 
-    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False):
+    def loss(self, tokens, mask, pixel_values, noise, timesteps, output_attentions=False, augment_labels=None):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage != "flow"):
             latents = self.autoencoder.encode(pixel_values)
         reconstruction_loss, terms = 0, {}
@@ -710,7 +724,7 @@ class PokeSpriteLatentFlow(PokeSpriteFlow):
         if self.stage == "autoencoder":  # nothing else learns, so the flow is not run
             return PokeSpriteOutput(loss=reconstruction_loss.mean(), loss_per_sample=reconstruction_loss,
                                     images=reconstruction.float().clamp(-1, 1), **terms)
-        flow = super().loss(tokens, mask, latents.detach().float(), noise, timesteps, output_attentions)
+        flow = super().loss(tokens, mask, latents.detach().float(), noise, timesteps, output_attentions, augment_labels)
         loss_per_sample = flow.loss_per_sample + reconstruction_loss
         images = None
         if not self.training:  # decoding the estimate would add a tenth to a training step that never reads it
@@ -881,6 +895,7 @@ class PokeSpriteModel(PreTrainedModel):
         flow_shift=None,
         epsilon_scaling=None,
         progress_bar=False,
+        augment_labels=None,
         return_dict=True,
     ):
         r"""
@@ -900,6 +915,9 @@ class PokeSpriteModel(PreTrainedModel):
             the trainer caches them instead of running BERT at every step.
         guidance_scale, num_inference_steps, eta, flow_shift, epsilon_scaling, progress_bar (iterative sampling only): as in
             `generate`; the config's by default, and no progress bar.
+        augment_labels (`torch.FloatTensor` of shape `(batch, 3)`, *optional*, training only): how each of
+            `pixel_values` was flipped and shifted (`data_pokesprite.augment`'s labels). Read where
+            `config.augment_conditioning` is set, ignored elsewhere; None is an unaugmented sprite.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -921,7 +939,9 @@ class PokeSpriteModel(PreTrainedModel):
                 null_tokens, null_mask = self._null_text(tokens, mask)
                 tokens = torch.where(drop[:, None, None], null_tokens, tokens)
                 mask = torch.where(drop[:, None], null_mask, mask)
-            output = self.generator.loss(tokens, mask, pixel_values, noise, timesteps, output_attentions)
+            if augment_labels is not None:
+                augment_labels = augment_labels.to(tokens.device)
+            output = self.generator.loss(tokens, mask, pixel_values, noise, timesteps, output_attentions, augment_labels)
         return output if return_dict else output.to_tuple()
 
     def _null_text(self, tokens, mask):

@@ -986,12 +986,13 @@ def main(args):
                 started = time.perf_counter()
                 batches_done += 1
                 with accelerator.accumulate(model):
-                    pixels, rows = augment(train["pixels"][idx], data.hflip, data.max_shift, background), idx
+                    pixels, labels = augment(train["pixels"][idx], data.hflip, data.max_shift, background)
+                    rows = idx
                     if data.recolour > 0:  # rows: the captions naming each sprite's colour, new or its own
                         pixels, rows = recolour(pixels, idx, train, data.recolour)
                     out = forward(
                         train["input_ids"][rows], train["attention_mask"][rows], pixel_values=pixels,
-                        bert_hidden_states=None if text_cache is None else text_cache[rows],
+                        bert_hidden_states=None if text_cache is None else text_cache[rows], augment_labels=labels,
                     )
                     # a non-finite loss on any process poisons the averaged gradients, so every process skips
                     bad = (~torch.isfinite(out.loss.detach())).float()

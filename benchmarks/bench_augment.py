@@ -54,11 +54,11 @@ def main(argv=None):
                              recolour=True)
     n = len(train["pixels"])
     batch = lambda: torch.randint(n, (args.batch_size,))
-    flips_shifts = lambda: augment(train["pixels"][batch()], hflip=True, max_shift=2, background=0.0)
+    flips_shifts = lambda: augment(train["pixels"][batch()], hflip=True, max_shift=2, background=0.0)[0]
 
     def with_recolour():
         idx = batch()
-        return recolour(augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0), idx, train, 0.5)
+        return recolour(augment(train["pixels"][idx], hflip=True, max_shift=2, background=0.0)[0], idx, train, 0.5)
 
     results = {
         "machine": machine("cpu"),

@@ -234,9 +234,9 @@ def measure_training(args, mode, settings, device):
 
         def next_batch():
             idx = next(indices).to(device)
+            pixels, labels = augment(train["pixels"][idx], data_cfg.hflip, data_cfg.max_shift, background)
             return dict(input_ids=train["input_ids"][idx], attention_mask=train["attention_mask"][idx],
-                        pixel_values=augment(train["pixels"][idx], data_cfg.hflip, data_cfg.max_shift, background),
-                        bert_hidden_states=text_cache[idx])
+                        pixel_values=pixels, augment_labels=labels, bert_hidden_states=text_cache[idx])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.learning_rate,
                                       weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -59,7 +59,7 @@ def main(argv=None):
                          "the flow's straight path, so it takes a pixel-space flow")
     split = load_splits(args.dataset)[args.split]
     data = split_to_tensors(split.select(range(min(args.num_sprites, len(split)))), model.tokenizer, model.config)
-    sprites = augment(data["pixels"], hflip=False, max_shift=0, background=0.0)  # as training scales them
+    sprites, _ = augment(data["pixels"], hflip=False, max_shift=0, background=0.0)  # as training scales them
     noise = torch.randn(sprites.shape, generator=torch.Generator().manual_seed(0))
     rows, estimates = [], []
     for t in args.t:

@@ -11,7 +11,7 @@ from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfi
 
 LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels")
 FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder", "unet_symmetric",
-          "latent_flow_stage", "self_conditioning"]
+          "latent_flow_stage", "self_conditioning", "augment_conditioning"]
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.lists(st.integers(-4, 64), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
@@ -24,7 +24,7 @@ ANY_VALUE = st.one_of(
     ("guidance_scale", -1.0), ("unet_channels", []), ("unet_channels", [32, "64"]), ("freeze_text_encoder", "yes"),
     ("unet_symmetric", 1), ("latent_channels", 0), ("autoencoder_channels", []), ("autoencoder_channels", [16, 0]),
     ("latent_flow_stage", None), ("latent_flow_stage", "vae"), ("input_perturbation", -0.1), ("input_perturbation", 2.0),
-    ("unet_pixel_head_channels", -1), ("unet_pixel_head_channels", 1.5),
+    ("unet_pixel_head_channels", -1), ("unet_pixel_head_channels", 1.5), ("augment_conditioning", "yes"),
 ])
 def test_a_bad_value_is_refused_when_built_with_one_line_naming_the_field(field, value):
     with pytest.raises(ValueError) as error:
@@ -63,3 +63,10 @@ def test_a_pixel_head_where_no_patches_are_unfolded_is_refused_naming_the_field(
                          unet_pixel_head_channels=16, autoencoder_channels=[8, 16, 16])
     PokeSpriteConfig(generator_type="flow", unet_patch_size=4, unet_channels=[32, 64], unet_pixel_head_channels=16)
 
+
+
+def test_augment_conditioning_on_the_decoder_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"^PokeSpriteConfig\.augment_conditioning is for the iterative generators"):
+        PokeSpriteConfig(generator_type="decoder", augment_conditioning=True)
+    for generator_type in ("diffusion", "flow"):
+        assert PokeSpriteConfig(generator_type=generator_type, augment_conditioning=True).augment_conditioning

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from data_pokesprite import COLOUR_HSV, augment, colour_captions, on_white, recolour, split_to_tensors
+from modeling_pokesprite import AUGMENT_LABELS
 from prepare_dataset import load_sprite
 from settings_pokesprite import PreflightError
 
@@ -64,10 +65,32 @@ def test_a_three_channel_model_sees_its_sprites_composited_onto_white():
 
 def test_augment_keeps_uint8_sprites_in_range_and_only_moves_them():
     pixels = torch.randint(0, 256, (4, 4, 16, 16), dtype=torch.uint8)
-    out = augment(pixels, hflip=False, max_shift=0, background=0.0)
+    out, _ = augment(pixels, hflip=False, max_shift=0, background=0.0)
     torch.testing.assert_close(out, pixels.float() / 127.5 - 1)
-    shifted = augment(pixels, hflip=True, max_shift=2, background=0.0)
+    shifted, _ = augment(pixels, hflip=True, max_shift=2, background=0.0)
     assert shifted.shape == pixels.shape and shifted.min() >= -1 and shifted.max() <= 1
+
+
+def test_augment_labels_say_how_each_sprite_was_flipped_and_shifted():
+    """augment_conditioning trusts the labels: flip, then x and y shifts as shares of max_shift. One lit pixel per
+    sprite, away from the edges, must land where its labels say."""
+    torch.manual_seed(0)
+    b, size, max_shift, (y, x) = 256, 16, 2, (5, 3)
+    pixels = torch.zeros(b, 4, size, size, dtype=torch.uint8)
+    pixels[:, :, y, x] = 255
+    out, labels = augment(pixels, hflip=True, max_shift=max_shift, background=0.0)
+    assert labels.shape == (b, AUGMENT_LABELS)
+    flip, dx, dy = labels[:, 0], (labels[:, 1] * max_shift).round().long(), (labels[:, 2] * max_shift).round().long()
+    assert set(flip.tolist()) == {0.0, 1.0} and set(dx.tolist()) == set(dy.tolist()) == set(range(-max_shift, max_shift + 1))
+    lit = (out[:, 3] > 0).nonzero()  # (sprite, row, column) of every lit pixel
+    assert lit[:, 0].tolist() == list(range(b))  # each sprite still has exactly one
+    column = torch.where(flip.bool(), size - 1 - x, torch.full_like(dx, x))
+    # grid_sample reads the source at output + shift, so the content moves the other way
+    torch.testing.assert_close(lit[:, 2], column - dx)
+    torch.testing.assert_close(lit[:, 1], torch.full_like(dy, y) - dy)
+
+    _, none = augment(pixels, hflip=False, max_shift=0, background=0.0)
+    assert not none.any()  # an untouched sprite is all zeros, what sampling passes
 
 
 def creature(rgb, size=32):
@@ -111,7 +134,7 @@ def test_recolour_paints_a_sprite_in_the_colour_its_new_caption_names():
     assert len(tensors["input_ids"]) == 3 + len(COLOUR_HSV)  # the own captions first, then colour_captions'
     captions = RECOLOUR_SPLIT["text"] + colour_captions(RECOLOUR_SPLIT)[0]
     idx = torch.tensor([0] * 60 + [1, 2])
-    pixels = augment(tensors["pixels"][idx], hflip=False, max_shift=0, background=0.0)
+    pixels, _ = augment(tensors["pixels"][idx], hflip=False, max_shift=0, background=0.0)
 
     same, rows = recolour(pixels, idx, tensors, share=0.0)
     assert torch.equal(same, pixels) and torch.equal(rows, idx)

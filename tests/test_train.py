@@ -174,10 +174,12 @@ def pixel_head_flow_run(colour_dataset_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def recoloured_flow_run(colour_dataset_dir, tmp_path_factory):
-    """flow_run's model, half of its sprites recoloured and their captions' colour words swapped (`--recolour`)."""
+def augmented_flow_run(colour_dataset_dir, tmp_path_factory):
+    """flow_run's model with both data options that a model reads differently: half of its sprites recoloured and
+    their captions' colour words swapped (`--recolour`), and told how each sprite was flipped and shifted
+    (`augment_conditioning`). One run for both: each has its own unit tests, and a run costs CI minutes."""
     return train_tiny_flow(colour_dataset_dir, tmp_path_factory, "flow", "--recolour", 0.5, unet_patch_size=2,
-                           unet_attention_resolutions=[8, 4])
+                           unet_attention_resolutions=[8, 4], augment_conditioning=True)
 
 
 # the latent flow: an autoencoder from tiny.yaml's 32 px to 4 x 16 x 16 latents and the UNet on them (16/8/4 px, as
@@ -334,12 +336,20 @@ def test_decoder_learns_validation_loss_falls_well_below_its_start(decoder_run):
     assert val[400] < 0.6 * val[0], val
 
 
-@pytest.mark.parametrize("run", ["flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "recoloured_flow_run", "latent_flow_run",
+@pytest.mark.parametrize("run", ["flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "augmented_flow_run", "latent_flow_run",
                                  "staged_latent_flow_run"])
 def test_flow_learns_validation_loss_falls_well_below_its_start(run, request):
     val = scalars(request.getfixturevalue(run) / LOGS)["val/loss"]
     assert sorted(val) == [0, 100, 200, 300]
     assert val[300] < 0.6 * val[0], val
+
+
+def test_the_trainer_hands_augment_conditioning_its_labels(augmented_flow_run):
+    """The labels' map starts at zero and only the trainer's labels can move it; the flips and shifts of tiny.yaml
+    move all three columns (flip, x and y shift)."""
+    model = PokeSpriteModel.from_pretrained(augmented_flow_run)
+    assert model.config.augment_conditioning
+    assert (model.unet.augment_mlp.weight.abs().sum(0) > 0).all()
 
 
 def test_denoise_check_reports_each_noise_level_of_a_trained_flow(flow_run, colour_dataset_dir, tmp_path, capsys):
@@ -436,7 +446,7 @@ def test_latent_flow_stage_without_init_from_is_refused_before_training(colour_d
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]  # refused before any step or log
 
 
-@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "recoloured_flow_run",
+@pytest.mark.parametrize("run", ["decoder_run", "flow_run", "self_conditioned_flow_run", "pixel_head_flow_run", "augmented_flow_run",
                                  "latent_flow_run", "staged_latent_flow_run"])
 def test_learns_colour_words_red_caption_gives_redder_sprites_than_blue(run, request):
     model = PokeSpriteModel.from_pretrained(request.getfixturevalue(run)).eval()
