@@ -75,9 +75,6 @@ def parse_args(argv=None):
     parser.add_argument("--train_prompts", type=int, default=64,
                         help="models only: training captions to redraw for the training-fit scores (0: skip)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="iterative generators only; default: the model's")
-    parser.add_argument("--guide", default=None,
-                        help="autoguidance: a smaller, shorter-trained model of the same data guides instead of the "
-                             "empty prompt (a folder or Hub id; README)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="iterative generators only; default: the model's")
     parser.add_argument("--eta", type=config_range("eta"), default=None,
                         help="iterative generators only: fresh noise at each step, 0 (deterministic) to 1")
@@ -210,13 +207,8 @@ def main(argv=None):
                                         num_inference_steps=args.num_inference_steps, eta=args.eta,
                                         flow_shift=args.flow_shift, epsilon_scaling=args.epsilon_scaling)
         tokenizer, config = model.tokenizer, model.config
-        about = {"model": args.model, "generator_type": model.config.generator_type}
-        if args.guide:
-            guide = AutoModel.from_pretrained(args.guide, trust_remote_code=True).to(args.device).eval()
-            sampling.update(sampling_options(model, guide=guide))  # an error where the model's code predates guides
-            model.check_guide(guide)  # before the slow part
-            about["guide"] = args.guide
         sprites_for = lambda prompts, seeds, val, train: generate_per_seed(model, prompts, seeds, args.batch_size, **sampling)
+        about = {"model": args.model, "generator_type": model.config.generator_type}
     else:
         train_texts = list(splits["train"]["text"])
         sprites_for = lambda prompts, seeds, val, train: reference_per_seed(
@@ -229,7 +221,7 @@ def main(argv=None):
     metrics, per_seed = compute_metrics(splits, train, sprites_for, tokenizer, config, args.num_prompts, args.seeds,
                                         args.inception_weights)
     metrics.update(about)
-    metrics.update({name: value for name, value in sampling.items() if name != "guide"})
+    metrics.update(sampling)
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
     if args.model and args.train_prompts > 0:
         fit, sheet = training_fit(model, splits, train, args.train_prompts, args.sheet_prompts, args.batch_size, **sampling)

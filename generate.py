@@ -70,9 +70,6 @@ def parse_args(argv=None):
     parser.add_argument("--attention", action="store_true", help="also write each prompt's per-word attention heatmaps")
     parser.add_argument("--guidance_scale", "--guidance-scale", type=float, action=Spelled,
                         help="iterative models (all but the decoder): classifier-free guidance (default: the model's)")
-    parser.add_argument("--guide", help="iterative models: autoguidance. A smaller model trained for less time on the same "
-                                        "data (a folder or Hub id) guides instead of the empty prompt; --guidance_scale "
-                                        "then weighs the model against it (README)")
     parser.add_argument("--num_inference_steps", "--steps", type=positive_int, action=Spelled,
                         help="iterative models: sampling steps (default: the model's)")
     parser.add_argument("--eta", type=config_range("eta"),
@@ -402,15 +399,9 @@ def main(argv=None):
         sampling = sampling_options(model, guidance_scale=args.guidance_scale,
                                     num_inference_steps=args.num_inference_steps, eta=args.eta, flow_shift=args.flow_shift,
                                     epsilon_scaling=args.epsilon_scaling)
-        if args.guide:
-            sampling.update(sampling_options(model, guide=load_model(args.guide, None, args.device)))
-            try:
-                model.check_guide(sampling["guide"])
-            except ValueError as e:
-                raise GenerateError(f"--guide {args.guide} cannot guide {args.model}: {e}")
     elif any(value is not None for value in (args.guidance_scale, args.num_inference_steps, args.eta, args.flow_shift,
-                                             args.epsilon_scaling, args.guide)):
-        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')}, --guide, --eta, --flow_shift and "
+                                             args.epsilon_scaling)):
+        print(f"warning: {flag(args, 'guidance_scale')}, {flag(args, 'num_inference_steps')}, --eta, --flow_shift and "
               f"--epsilon_scaling apply to "
               f"models that sample in steps with guidance; this {model.config.generator_type} model "
               f"makes a sprite in one pass, so they are ignored", file=sys.stderr)

@@ -508,28 +508,16 @@ class PokeSpriteUNet(PokeSpriteGenerator):
                 x0_prev[chosen] = self.clean_estimate(x[chosen], out.float(), t[chosen]).to(x.dtype)
         return x0_prev
 
-    def check_guide(self, guide):
-        """Refuse a `guide` (another model's generator) that autoguidance cannot mix with this one: its output
-        must be the same kind of estimate of the same sample space."""
-        if type(guide) is not type(self):
-            raise ValueError(f"the guide must be a {type(self).__name__} like the model it guides, "
-                             f"got a {type(guide).__name__}")
-        if guide.noise_shape(1) != self.noise_shape(1):
-            raise ValueError(f"the guide samples {tuple(guide.noise_shape(1)[1:])}, the model {tuple(self.noise_shape(1)[1:])}")
-
-    def predict(self, x, t, tokens, mask, guidance_scale, need_weights, x0_prev=None, guide=None):
+    def predict(self, x, t, tokens, mask, guidance_scale, need_weights, x0_prev=None):
         """The UNet's output for `x` at noise level `t` (a scalar on the generator's scale), given the previous
         step's clean estimate `x0_prev` where the UNet is self-conditioned.
 
         For classifier-free guidance (Ho & Salimans, 2022) `tokens` and `mask` hold the captions and then the empty
-        prompt: one UNet call for both branches, mixed as null + scale * (text - null). With a `guide` instead
-        (autoguidance, Karras et al., 2024: `(unet, tokens, mask)` of a smaller, shorter-trained model of the same
-        data, given the same captions), the mix is guide + scale * (model - guide): it pushes away from the kind of
-        error the weaker model makes more of, and not away from the caption's other modes as the empty prompt does.
-        Attentions are the captions' branch only.
+        prompt: one UNet call for both branches, mixed as null + scale * (text - null). Attentions are the
+        captions' branch only.
         """
         b = x.shape[0]
-        guided = guide is None and tokens.shape[0] == 2 * b
+        guided = tokens.shape[0] == 2 * b
         x_in = torch.cat([x, x]) if guided else x
         if x0_prev is not None and guided:  # both branches refine the same, guided estimate
             x0_prev = torch.cat([x0_prev, x0_prev])
@@ -539,24 +527,18 @@ class PokeSpriteUNet(PokeSpriteGenerator):
         if guided:
             text, null = out.chunk(2)
             out = null + guidance_scale * (text - null)
-        if guide is not None:
-            unet, guide_tokens, guide_mask = guide
-            weak, _ = unet(x.to(guide_tokens.dtype), unet.unet_time(t).expand(b), guide_tokens, guide_mask,
-                           x0_prev=x0_prev if unet.config.self_conditioning else None)
-            out = weak.float() + guidance_scale * (out - weak.float())
         return out, [a[:b].float() for a in attentions]
 
     def sample(self, tokens, mask, noise, guidance_scale, num_inference_steps, eta=0.0, flow_shift=1.0, epsilon_scaling=1.0,
-               generator=None, output_attentions=False, progress_bar=False, guide=None):
+               generator=None, output_attentions=False, progress_bar=False):
         """From pure noise to a sprite in `num_inference_steps` calls of the UNet at the subclass's
-        `sampling_times`, each followed by its `step`, guided as `predict` says. Cross-attention weights are
-        averaged over the steps."""
+        `sampling_times`, each followed by its `step`. Cross-attention weights are averaged over the steps."""
         x = noise.float()
         times = self.sampling_times(num_inference_steps, x.device, flow_shift)
         attention_sums = None
         x0_prev = torch.zeros_like(x) if self.config.self_conditioning else None
         for i in tqdm(range(num_inference_steps), desc="sampling", leave=False, disable=not progress_bar):
-            out, attentions = self.predict(x, times[i], tokens, mask, guidance_scale, output_attentions, x0_prev, guide)
+            out, attentions = self.predict(x, times[i], tokens, mask, guidance_scale, output_attentions, x0_prev)
             if x0_prev is not None:
                 x0_prev = self.clean_estimate(x, out, times[i])
             last = i == num_inference_steps - 1
@@ -751,13 +733,6 @@ class PokeSpriteLatentFlow(PokeSpriteFlow):
         return PokeSpriteOutput(loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=images,
                                 attentions=flow.attentions, **terms)
 
-    def check_guide(self, guide):
-        super().check_guide(guide)
-        ours, theirs = self.autoencoder.state_dict(), guide.autoencoder.state_dict()
-        if any(not torch.equal(ours[k], theirs[k].to(ours[k].device)) for k in ours):
-            raise ValueError("the guide must denoise the same latents: train its flow stage from the same "
-                             "autoencoder stage's model (--init_from)")
-
     def sample(self, tokens, *args, **kwargs):
         """The flow's sampler in latent space (its arguments), then one decode to pixels."""
         latents = super().sample(tokens, *args, **kwargs)
@@ -921,7 +896,6 @@ class PokeSpriteModel(PreTrainedModel):
         epsilon_scaling=None,
         progress_bar=False,
         augment_labels=None,
-        guide=None,
         return_dict=True,
     ):
         r"""
@@ -944,7 +918,6 @@ class PokeSpriteModel(PreTrainedModel):
         augment_labels (`torch.FloatTensor` of shape `(batch, 3)`, *optional*, training only): how each of
             `pixel_values` was flipped and shifted (`data_pokesprite.augment`'s labels). Read where
             `config.augment_conditioning` is set, ignored elsewhere; None is an unaugmented sprite.
-        guide (`PokeSpriteModel`, *optional*, iterative sampling only): as in `generate`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -954,11 +927,8 @@ class PokeSpriteModel(PreTrainedModel):
         if noise is None:
             noise = torch.randn(self.generator.noise_shape(b), device=tokens.device)
         if pixel_values is None:
-            if guide is not None:
-                self.check_guide(guide)
-                guide = (guide.generator, guide.text_encoder(input_ids, attention_mask), mask)
             output = self._sample(tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta,
-                                  flow_shift, epsilon_scaling, output_attentions, progress_bar, guide)
+                                  flow_shift, epsilon_scaling, output_attentions, progress_bar)
         else:
             if timesteps is None:
                 timesteps = self.generator.draw_timesteps(b)
@@ -981,19 +951,8 @@ class PokeSpriteModel(PreTrainedModel):
         null_mask[:, 0] = True
         return null_tokens, null_mask
 
-    def check_guide(self, guide):
-        """Refuse a guide model that cannot guide this one (`generate`'s `guide`), saying why."""
-        if not isinstance(guide, PokeSpriteModel):
-            raise TypeError(f"the guide must be a PokeSpriteModel, got {type(guide).__name__}")
-        if not self.uses_guidance:
-            raise ValueError(f"the {self.config.generator_type} generator draws in one pass: there is nothing to guide")
-        if guide.config.model_name != self.config.model_name:
-            raise ValueError(f"the guide reads the captions with {guide.config.model_name!r}, the model with "
-                             f"{self.config.model_name!r}: both must use the same BERT and tokenizer")
-        self.generator.check_guide(guide.generator)
-
     def _sample(self, tokens, mask, noise, generator, guidance_scale, num_inference_steps, eta, flow_shift,
-                epsilon_scaling, output_attentions, progress_bar, guide=None):
+                epsilon_scaling, output_attentions, progress_bar):
         if not self.uses_guidance:
             return self.generator.sample(tokens, mask, noise, output_attentions=output_attentions)
         c = self.config
@@ -1007,13 +966,11 @@ class PokeSpriteModel(PreTrainedModel):
         steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
         if steps < INT_MINIMUMS["num_inference_steps"]:
             raise ValueError(f"num_inference_steps must be at least {INT_MINIMUMS['num_inference_steps']}, got {steps}")
-        if options["guidance_scale"] == 1.0:  # the model alone: neither an empty prompt nor a guide changes it
-            guide = None
-        elif guide is None:  # the captions, then the empty prompt: the generator runs both branches at once
+        if options["guidance_scale"] != 1.0:  # the captions, then the empty prompt: the generator runs both branches at once
             null_tokens, null_mask = self._null_text(tokens, mask)
             tokens, mask = torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask])
         return self.generator.sample(tokens, mask, noise, **options, num_inference_steps=steps, generator=generator,
-                                     output_attentions=output_attentions, progress_bar=progress_bar, guide=guide)
+                                     output_attentions=output_attentions, progress_bar=progress_bar)
 
     # generation
 
@@ -1065,7 +1022,6 @@ class PokeSpriteModel(PreTrainedModel):
         epsilon_scaling=None,
         output_type="pt",
         progress_bar=True,
-        guide=None,
     ):
         """Sprites for `prompts` (strings) or for already tokenised `input_ids`.
 
@@ -1074,12 +1030,6 @@ class PokeSpriteModel(PreTrainedModel):
         The same `generator` seed gives the same sprites. `guidance_scale`, `num_inference_steps`, `eta`,
         `flow_shift` (the flows only) and `epsilon_scaling` apply to the iterative generators (`uses_guidance`) and
         default to the config's; `progress_bar` shows a tqdm bar over their sampling steps.
-
-        `guide`: autoguidance (Karras et al., 2024, "Guiding a Diffusion Model with a Bad Version of Itself"). A
-        smaller model trained on the same data for less time, with the same generator and BERT, takes the place
-        of the empty prompt: `guidance_scale` then extrapolates from its estimate to this model's. Both models
-        read the same captions, so guidance sharpens what the model draws for them without pulling every caption
-        towards its most typical sprite. Costs the guide's forward pass per step instead of the empty prompt's.
         """
         if prompts is not None:
             input_ids, attention_mask = self.tokenize(prompts)
@@ -1088,17 +1038,14 @@ class PokeSpriteModel(PreTrainedModel):
         input_ids = input_ids.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).repeat_interleave(num_images_per_prompt, dim=0))
         noise = self.make_noise(input_ids.shape[0], generator)
-        models = [self] if guide is None else [self, guide]
-        was_training = [m.training for m in models]
-        for m in models:
-            m.eval()  # dropout in the token transformer would make a seed give different sprites
+        was_training = self.training
+        self.eval()  # dropout in the token transformer would make a seed give different sprites
         try:
             images = self(input_ids, attention_mask, noise=noise, generator=generator, guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, eta=eta, flow_shift=flow_shift,
-                          epsilon_scaling=epsilon_scaling, progress_bar=progress_bar, guide=guide).images
+                          epsilon_scaling=epsilon_scaling, progress_bar=progress_bar).images
         finally:
-            for m, training in zip(models, was_training):
-                m.train(training)
+            self.train(was_training)
         images = ((images.float() + 1) / 2).clamp(0, 1)
         return images if output_type == "pt" else to_pil(images)
 

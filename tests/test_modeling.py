@@ -4,7 +4,6 @@ The real-BERT round trip saves a model built on all-MiniLM-L6-v2 and reloads it 
 `AutoModel`/`AutoTokenizer` with `trust_remote_code`, the way a user of the Hub folder would.
 """
 
-import copy
 import json
 import os
 import subprocess
@@ -627,66 +626,6 @@ def test_augment_conditioning_reads_the_labels_in_training_and_samples_as_an_una
     with torch.no_grad():
         model.unet.augment_mlp.weight.zero_()
     assert torch.equal(draw(model), trained)
-
-
-def weaker_copy(model):
-    """A guide for autoguidance: the same model with its output layer moved, as a smaller, shorter run differs."""
-    guide = copy.deepcopy(model)
-    with torch.no_grad():
-        guide.unet.conv_out.weight.normal_(std=0.05, generator=seeded(321))
-    return guide
-
-
-@pytest.mark.parametrize("kind", ["diffusion", "flow", "latent-flow"])
-def test_autoguidance_extrapolates_from_the_guide_and_a_model_guiding_itself_is_the_model_alone(make_model, kind):
-    model = make_model(kind)
-    draw = lambda **sampling: model.generate(PROMPTS[:2], generator=seeded(4), num_inference_steps=3, **sampling)
-    alone = draw(guidance_scale=1.0)
-    torch.testing.assert_close(draw(guidance_scale=3.0, guide=model), alone)  # guide + w (model - guide) = model
-    guide = weaker_copy(model)
-    guided = draw(guidance_scale=3.0, guide=guide)
-    assert (guided - alone).abs().mean() > 1e-3
-    assert (guided - draw(guidance_scale=3.0)).abs().mean() > 1e-3  # not classifier-free guidance
-    torch.testing.assert_close(draw(guidance_scale=1.0, guide=guide), alone)  # scale 1: the model alone
-    assert guide.training is False and model.training is False
-
-
-def test_autoguidance_mixes_the_two_models_estimates_of_the_clean_sprite(make_model, tokenizer):
-    # one Euler step from t = 1 lands on the clean estimate, so the sprite is the mix of the two UNets' outputs
-    model = make_model("flow", flow_shift=1.0)
-    guide = weaker_copy(model)
-    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2])
-    noise = model.make_noise(2, seeded(5))
-    mask, t = attention_mask.bool(), torch.full((2,), 1000.0)
-    with torch.no_grad():
-        strong, _ = model.unet(noise, t, model.text_encoder(input_ids, attention_mask), mask)
-        weak, _ = guide.unet(noise, t, guide.text_encoder(input_ids, attention_mask), mask)
-        images = model(input_ids, attention_mask, noise=noise, guidance_scale=2.5, num_inference_steps=1, guide=guide).images
-    torch.testing.assert_close(images, (weak + 2.5 * (strong - weak)).clamp(-1, 1))
-
-
-def test_a_guide_that_cannot_guide_the_model_is_refused_saying_why(make_model):
-    flow = make_model("flow")
-    with pytest.raises(ValueError, match="must be a PokeSpriteFlow like the model it guides, got a PokeSpriteDiffusion"):
-        flow.generate(PROMPTS[:1], guide=make_model("diffusion"))
-    with pytest.raises(ValueError, match=r"the guide samples \(3, 64, 64\), the model \(4, 64, 64\)"):
-        flow.generate(PROMPTS[:1], guide=make_model("flow", num_channels=3))
-    other_bert = make_model("flow")
-    other_bert.config.model_name = "someone/another-bert"
-    with pytest.raises(ValueError, match="same BERT and tokenizer"):
-        flow.generate(PROMPTS[:1], guide=other_bert)
-    with pytest.raises(ValueError, match="draws in one pass: there is nothing to guide"):
-        make_model("decoder").generate(PROMPTS[:1], guide=flow)
-    with pytest.raises(TypeError, match="must be a PokeSpriteModel"):
-        flow.generate(PROMPTS[:1], guide=flow.unet)
-    # a latent flow's guide must share its autoencoder: its latents are that autoencoder's
-    latent = make_model("latent-flow")
-    retrained = weaker_copy(latent)
-    latent.generate(PROMPTS[:1], guide=retrained, num_inference_steps=2)  # the same autoencoder: accepted
-    with torch.no_grad():
-        retrained.unet.autoencoder.decoder[0].weight.add_(0.1)
-    with pytest.raises(ValueError, match="must denoise the same latents"):
-        latent.generate(PROMPTS[:1], guide=retrained)
 
 
 def test_the_pixel_head_starts_as_no_head_and_reads_the_noisy_sprite_at_full_resolution(make_model, tokenizer):
