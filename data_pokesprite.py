@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modeling_pokesprite import AUGMENT_LABELS
 from prepare_dataset import fit_sprite
 from settings_pokesprite import PreflightError
 
@@ -140,7 +141,7 @@ def augment(pixels, hflip, max_shift, background):
     """
     x = pixels.float() / 255
     b = x.shape[0]
-    labels = torch.zeros(b, 3, device=x.device)
+    labels = torch.zeros(b, AUGMENT_LABELS, device=x.device)
     if hflip:
         flip = torch.rand(b, device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
