@@ -24,6 +24,10 @@ PRECISION=bf16 EVAL_PROMPTS=167
 #   STAGES=diffusion DIFFUSION_STEPS=2800 DIFFUSION_BUDGET=300 DIFFUSION_FLAGS="--hflip false --max_shift 0" bash scripts/gpu_results.sh
 STAGES=${STAGES:-flow diffusion flow-cpu decoder benchmark}
 DIFFUSION_FLAGS=${DIFFUSION_FLAGS:-}
+for name in $STAGES; do  # a misspelt stage would otherwise run nothing and say nothing
+  case $name in flow|diffusion|flow-cpu|decoder|benchmark) ;;
+    *) echo "STAGES: unknown stage '$name' (known: flow diffusion flow-cpu decoder benchmark)" >&2; exit 2 ;; esac
+done
 FLOW_STEPS=${FLOW_STEPS:-1600} FLOW_BATCH=${FLOW_BATCH:-256} FLOW_BUDGET=${FLOW_BUDGET:-170}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-1300} DIFFUSION_BATCH=${DIFFUSION_BATCH:-128} DIFFUSION_BUDGET=${DIFFUSION_BUDGET:-150}
 CPU_STEPS=${CPU_STEPS:-1200} CPU_BATCH=${CPU_BATCH:-128} CPU_BUDGET=${CPU_BUDGET:-60}
