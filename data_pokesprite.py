@@ -87,9 +87,10 @@ def colour_captions(split):
         raise PreflightError("recolouring needs each sprite's colour name, and the dataset has no 'color' column "
                              f"(it has {columns}); set data.recolour to 0, or add the column to the CSV")
     names, n = list(COLOUR_HSV), len(split["text"])
+    words = {name: re.compile(rf"\b{name}\b") for name in names}  # whole words: "red" is not the start of "reddish"
     captions, colours, rows = [], [], []
     for i, (text, color) in enumerate(zip(split["text"], split["color"])):
-        word = re.compile(rf"\b{re.escape(color)}\b") if color in COLOUR_HSV else None
+        word = words.get(color)
         if word is None or word.search(text) is None:
             colours.append(-1)
             rows.append([i] * len(names))
@@ -169,9 +170,11 @@ def recolour(pixels, idx, tensors, share):
     own, medians = tensors["colour"][idx], tensors["colour_hsv"]
     chosen = (torch.rand(len(idx), device=pixels.device) < share) & (own >= 0)
     new = torch.randint(len(medians), (len(idx),), device=pixels.device)
-    src, dst = medians[own.clamp(min=0)][:, :, None, None], medians[new][:, :, None, None]
-    x = (pixels + 1) / 2
-    rgb = x[:, :3]
+    rows = torch.where(chosen, tensors["colour_rows"][idx, new], idx)
+    # only the chosen sprites are turned: at a share of 0.2 the HSV round trip of the other four fifths would be wasted
+    picked = chosen.nonzero().squeeze(1)
+    src, dst = medians[own[picked]][:, :, None, None], medians[new[picked]][:, :, None, None]
+    rgb = (pixels[picked, :3] + 1) / 2
     value, largest = rgb.max(1, keepdim=True)
     chroma = value - rgb.min(1, keepdim=True).values
     r, g, b = rgb.split(1, dim=1)
@@ -181,10 +184,11 @@ def recolour(pixels, idx, tensors, share):
     saturation = (chroma / value.clamp(min=1e-6) * dst[:, 1:2] / src[:, 1:2]).clamp(0, 1)
     value = (value * dst[:, 2:3] / src[:, 2:3]).clamp(0, 1)
     # HSV back to RGB: channel = value * (1 - saturation * clamp(min(j, 4 - j), 0, 1)), j = (m + hue) mod 6
-    j = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue) % 6
+    j = (torch.tensor([5.0, 3.0, 1.0], device=pixels.device)[None, :, None, None] + hue) % 6
     turned = value * (1 - saturation * torch.minimum(j, 4 - j).clamp(0, 1))
-    x = torch.cat([torch.where(chosen[:, None, None, None], turned, rgb), x[:, 3:]], dim=1)
-    return x * 2 - 1, torch.where(chosen, tensors["colour_rows"][idx, new], idx)
+    pixels = pixels.clone()
+    pixels[picked, :3] = turned * 2 - 1
+    return pixels, rows
 
 
 def write_json(path, obj):
