@@ -17,6 +17,8 @@ COLUMNS = [  # (eval.json key, header, format)
     ("frechet/kid", "KID", "{:.2f}"),
     ("reconstruction/l1", "L1", "{:.3f}"),
     ("reconstruction/ssim", "SSIM", "{:.3f}"),
+    ("structure/roughness_ratio", "roughness ratio", "{:.2f}"),  # 1: as real sprites; above: speckle
+    ("structure/complexity_ratio", "complexity ratio", "{:.2f}"),  # 1: as real sprites; below: blobs
     ("fit/nearest_is_own", "nearest is own (training)", "{:.2f}"),  # with --train_prompts: does it redraw its own?
     ("fit/l1", "L1 to own", "{:.3f}"),
     ("seconds_per_sprite", "s/sprite", "{:.3f}"),

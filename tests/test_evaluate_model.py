@@ -55,10 +55,12 @@ def test_real_reference_scores_the_ceiling_and_mean_scores_no_diversity(syntheti
     assert real["reconstruction/l1"] == 0 and real["reconstruction/ssim"] == pytest.approx(1)
     assert real["diversity/diversity"] > 0.02  # different creatures
     assert real["colour/accuracy"] > 0.8
+    assert real["structure/roughness_ratio"] == 1 and real["structure/complexity_ratio"] == 1  # the sprites it is measured by
     assert (out / "validation-prompts.png").is_file()
     mean, _ = run(tmp_path / "mean", "--reference", "mean", "--dataset", synthetic_dataset_dir, "--text_encoder", MINILM)
     assert mean["diversity/diversity"] == 0
     assert mean["reconstruction/l1"] > real["reconstruction/l1"]
+    assert mean["structure/roughness_ratio"] < 0.9  # the average of many creatures is a smooth blur
 
 
 def test_a_saved_model_is_scored_with_timings_and_both_sheets(synthetic_dataset_dir, tmp_path):
@@ -126,3 +128,40 @@ def test_unwritable_output_or_unreadable_descriptions_fail_before_the_dataset_lo
     with pytest.raises(evaluate_model.GenerateError, match=message):
         evaluate_model.main(["--model", str(tmp_path / "model"), "--dataset", "d", "--output_dir", str(out),
                              "--new_descriptions", str(tmp_path / "missing.txt")])
+
+
+def test_score_sheet_cuts_both_layouts_and_scores_real_sprites_above_noise(synthetic_dataset_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from attention_maps import sprite_grid
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import score_sheet
+
+    val = score_sheet.split_sprites(evaluate_model.load_splits(synthetic_dataset_dir)["validation"])
+    sprites = val[:8]
+    on_white = sprite_grid(sprites, nrow=4, scale=1)  # evaluate_model.py's layout: 2 px of padding, 4 x 2
+    on_white.save(tmp_path / "padded.png")
+    rgb = np.asarray(on_white, dtype=np.float32) / 255
+    tiles = score_sheet.sheet_tiles(tmp_path / "padded.png")
+    assert tiles.shape == (2, 4, 3, 64, 64)
+    assert torch.equal(tiles[1, 2], torch.from_numpy(rgb[68:132, 134:198]).permute(2, 0, 1))  # row 1, column 2
+    # the reference sheets' layout: no padding
+    Image.fromarray((torch.cat(list(tiles[0]), dim=2).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "flat.png")
+    assert torch.equal(score_sheet.sheet_tiles(tmp_path / "flat.png"), tiles[:1])
+    Image.new("RGB", (100, 64), "white").save(tmp_path / "odd.png")
+    with pytest.raises(SystemExit, match="odd.png is 100 x 64 px"):
+        score_sheet.sheet_tiles(tmp_path / "odd.png")
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (2 * 66 + 2, 4 * 66 + 2, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    scores = score_sheet.main([str(tmp_path / "padded.png"), str(tmp_path / "noise.png"), "--dataset", str(synthetic_dataset_dir),
+                               "--draws", "2", "--out", str(tmp_path / "scores.json")])
+    real, noise = scores[str(tmp_path / "padded.png")], scores[str(tmp_path / "noise.png")]
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved.keys() == scores.keys() and all(saved[sheet] == pytest.approx(scores[sheet]) for sheet in scores)
+    assert (real["rows"], real["columns"]) == (2, 4)
+    assert real["frechet/kid"] < noise["frechet/kid"] and real["frechet/frechet_distance"] < noise["frechet/frechet_distance"]
+    assert noise["memorisation/nn_ratio"] > real["memorisation/nn_ratio"]
+    assert real["diversity/num_groups"] == 4 and real["diversity/diversity"] > 0  # rows are different creatures

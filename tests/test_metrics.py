@@ -11,7 +11,7 @@ from conftest import SHARED_POKEMON
 from PIL import Image
 
 METRICS = Path(__file__).resolve().parents[1] / "metrics"
-NAMES = ["colour_agreement", "diversity", "frechet", "memorisation", "reconstruction"]
+NAMES = ["colour_agreement", "diversity", "frechet", "memorisation", "reconstruction", "sprite_structure"]
 
 # canonical swatches: CSS colours, except brown = "saddlebrown" (CSS "brown" is a dark red)
 SWATCHES = {
@@ -76,7 +76,7 @@ def test_every_module_loads_by_path_and_documents_definition_and_limits(name):
     assert "Limits" in metric.description and all("predictions" in layout for layout in layouts)
 
 
-@pytest.mark.parametrize("name", ["diversity", "frechet", "memorisation", "reconstruction"])
+@pytest.mark.parametrize("name", ["diversity", "frechet", "memorisation", "reconstruction", "sprite_structure"])
 def test_images_outside_unit_range_are_rejected_with_a_hint(name):
     images = make_sprites(4) * 2 - 1  # a model's [-1, 1] output passed as is
     kwargs = {"diversity": {"group_ids": [0, 0, 1, 1]}, "memorisation": {"train_images": make_sprites(4)}}.get(name, {})
@@ -248,3 +248,73 @@ def test_noise_lowers_ssim_more_than_a_small_perturbation():
     far = reconstruction.compute(predictions=noisy, references=sprites)
     assert far["ssim"] < near["ssim"] < 1.0
     assert 0 < near["l1"] < far["l1"]
+
+
+# sprite structure
+
+
+def creature(limbs=0, speckle=0.0, seed=0):
+    """(4, 64, 64) RGBA: a flat-coloured disc of radius 14 with a dark outline, `limbs` straight legs 3 px wide
+    and 12 px long fanned round it, and a share `speckle` of its pixels turned to random colours."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32, indexing="ij")
+    radius = (ys**2 + xs**2).sqrt()
+    inside = radius < 14
+    for k in range(limbs):
+        angle = 2 * math.pi * k / limbs
+        along = xs * math.cos(angle) + ys * math.sin(angle)
+        across = -xs * math.sin(angle) + ys * math.cos(angle)
+        inside |= (along > 10) & (along < 26) & (across.abs() < 1.5)
+    rgb = torch.tensor([0.9, 0.5, 0.2])[:, None, None].expand(3, 64, 64).clone()
+    rgb[:, (radius > 12) & (radius < 14)] = 0.2  # an outline 2 px wide, which a 3x3 median keeps
+    spots = (torch.rand(64, 64, generator=g) < speckle) & inside
+    rgb[:, spots] = torch.rand(3, int(spots.sum()), generator=g)
+    return torch.cat([rgb, inside.float()[None]])
+
+
+def test_flat_sprites_have_no_roughness_and_speckle_raises_it():
+    structure = load("sprite_structure")
+    flat = torch.stack([creature(seed=s) for s in range(4)])
+    speckled = torch.stack([creature(speckle=0.2, seed=s) for s in range(4)])
+    same = structure.compute(predictions=flat, references=flat)
+    assert same["roughness"] == pytest.approx(0, abs=0.005)  # only where the outline bends
+    assert same["roughness_ratio"] == pytest.approx(1) and same["complexity_ratio"] == pytest.approx(1)
+    rough = structure.compute(predictions=speckled, references=flat)
+    assert rough["roughness"] > 0.03 and rough["roughness_ratio"] > 5
+    assert rough["empty_fraction"] == 0
+
+
+def test_limbs_raise_silhouette_complexity_above_a_disc():
+    structure = load("sprite_structure")
+    disc, legged = creature(), creature(limbs=4)
+    result = structure.compute(predictions=legged[None].expand(3, -1, -1, -1), references=disc[None].expand(3, -1, -1, -1))
+    assert 1 < result["reference_silhouette_complexity"] < 1.6  # a disc: perimeter^2 / (4 pi area) is 1, plus pixel steps
+    assert result["complexity_ratio"] > 1.5
+
+
+def test_structure_sees_the_largest_piece_fills_holes_and_counts_empty_sprites():
+    structure = load("sprite_structure")
+    disc = creature()
+    with_hole = disc.clone()
+    with_hole[:3, 30:34, 30:34] = 1  # white eyes on white would be a hole in the mask: filled, not an outline
+    crumbs = disc.clone()
+    crumbs[3, 2:5, 2:5] = crumbs[3, 58:61, 58:61] = 1  # two small pieces beside the body: the largest piece counts
+    crumbs[:3, 2:5, 2:5] = crumbs[:3, 58:61, 58:61] = 0
+    blank = torch.ones(4, 64, 64)
+    blank[3] = 0
+    base = structure.compute(predictions=disc[None].expand(2, -1, -1, -1), references=disc[None].expand(2, -1, -1, -1))
+    result = structure.compute(predictions=torch.stack([with_hole, crumbs, blank]), references=disc[None].expand(3, -1, -1, -1))
+    assert result["silhouette_complexity"] == pytest.approx(base["silhouette_complexity"])
+    assert result["empty_fraction"] == pytest.approx(1 / 3)
+
+
+def test_real_sprites_are_as_rough_and_as_complex_as_other_real_sprites_and_a_blurred_blob_is_not(shared_pokemon_dir):
+    files = sorted((shared_pokemon_dir / "small_images").glob("*.png"))[:200]
+    sprites = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGBA")) for f in files])).permute(0, 3, 1, 2) / 255
+    first, second = sprites[:100], sprites[100:]
+    structure = load("sprite_structure")
+    real = structure.compute(predictions=first, references=second)
+    assert 0.8 < real["roughness_ratio"] < 1.25 and 0.8 < real["complexity_ratio"] < 1.25
+    blobs = torch.nn.functional.avg_pool2d(first, 9, stride=1, padding=4, count_include_pad=False)
+    blurred = structure.compute(predictions=blobs, references=second)
+    assert blurred["roughness_ratio"] < 0.7 and blurred["complexity_ratio"] < 0.8

@@ -1,0 +1,216 @@
+"""Sprite structure: speckle inside the creature, and how far its silhouette is from a round blob, next to real sprites."""
+import contextlib
+import math
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_DESCRIPTION = """\
+Two statistics of each sprite, on RGB composited onto white, for generated sprites (`predictions`) and, as the
+yardstick, for real sprites (`references`):
+
+- `roughness`: the mean absolute difference between the sprite and its 3x3 median filter, over the pixels of the
+  creature and the RGB channels, averaged over sprites. Flat fills and clean outlines leave a median filter nearly
+  unchanged; speckle (isolated pixels of another colour) is what it removes. Range [0, 1].
+- `silhouette_complexity`: perimeter^2 / (4 pi area) of the creature's largest connected piece, median over
+  sprites. A disc scores lowest (1.4 for a disc of radius 14 at this resolution); limbs, tails, ears and wings
+  raise it (four legs on that disc: 4.2). A silhouette made ragged by speckle raises it too, so read it beside
+  roughness. A creature that fills the whole canvas has no outline there and scores 0.
+- `roughness_ratio` and `complexity_ratio`: generated / real. Both near 1 is a sprite with the texture and the
+  outline of a real one. roughness_ratio well above 1 is speckle; below 1 is smoother than a real sprite
+  (blur, flat blobs). complexity_ratio well below 1 is blobs.
+- `empty_fraction`: the share of generated sprites with no creature at all (they are left out of the statistics).
+
+The creature's pixels: those with an RGB channel below 0.92 on white, opened (a 3x3 erosion, then a dilation: lone
+pixels go) and with their holes filled (white eyes and bellies are the creature's). Its largest piece: 8-connected.
+
+Why this module: the distribution metrics here (metrics/frechet's sprite-v1 features, pixel memorisation) score
+the reference sheets of ../shared/reference alike whether the sprites are coherent creatures or speckle: for the
+same 32 unseen descriptions × 2 seeds, the pixel-space diffusion UNet that draws creatures has Fréchet 274 and KID
+1.13, and the CPU flow prototype whose bodies are speckled 246 and 1.13 (RESULTS.md, "What the metrics see").
+These two statistics separate them: on those sheets roughness 0.032 against 0.041 (real validation sprites:
+0.032) and silhouette_complexity 2.4 against 1.9 (real: 2.5).
+
+Limits: hand-made statistics, not a learned judge of "is this a creature". A smooth silhouette with a tail meets
+both without a face; a real sprite drawn with heavy dithering is rough. Compare runs against the same references.
+Images are float arrays in [0, 1] of shape (N, C, 64, 64), C = 3 (RGB) or 4 (RGBA, composited onto white). Cost:
+about 2 ms a sprite on one CPU core.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: generated sprites, float array/tensor (N, C, 64, 64) in [0, 1], C = 3 or 4.
+    references: real sprites, same shape rules (any N; evaluate needs the same N as predictions).
+Returns:
+    roughness, reference_roughness, roughness_ratio, silhouette_complexity, reference_silhouette_complexity,
+    complexity_ratio, empty_fraction (all `float`).
+Examples:
+    >>> structure = evaluate.load("metrics/sprite_structure")
+    >>> structure.compute(predictions=generated, references=val_images)["roughness_ratio"]
+"""
+
+FOREGROUND_BELOW = 0.92  # on white, a pixel belongs to the creature when one of its channels is darker than this
+CHUNK = 128  # sprites at a time: the median filter holds 9 shifted copies of each
+
+
+# helpers
+
+
+# Copied from attention_maps.py: on_white (evaluate loads one file per module, so there is no shared import)
+def on_white(images):
+    """(B, C, H, W) in [0, 1] -> RGB on a white background (alpha-composited when C is 4).
+
+    The one rule for showing a sprite with alpha. It lives in attention_maps.py, whose grids and figures generate.py,
+    app.py, the trainer and evaluate_model.py draw with; each metrics/ module, which evaluate loads as a single
+    file, holds a copy marked `# Copied from attention_maps.py: on_white`, kept equal by tests/test_copies.py.
+    """
+    if images.shape[1] == 3:
+        return images
+    rgb, alpha = images[:, :3], images[:, 3:4]
+    return rgb * alpha + (1 - alpha)
+
+
+# Copied from metrics/frechet/frechet.py: composite_on_white
+def composite_on_white(images):
+    """(N, 3, H, W) float32 CPU tensor from (N, C, H, W) / (C, H, W) images in [0, 1], or a list of them.
+
+    C = 4 is RGBA with alpha last and is composited onto white; C = 3 is used as is.
+    """
+    if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.dtype == object):
+        if len(images) == 0:
+            raise ValueError("Expected at least one image, got an empty list.")
+        return torch.cat([composite_on_white(np.asarray(image, dtype=np.float32)) for image in images])
+    x = torch.as_tensor(images).detach().to("cpu", torch.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] not in (3, 4):
+        raise ValueError(f"Expected images of shape (N, C, H, W) with C = 3 or 4, got {tuple(x.shape)}.")
+    if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise ValueError(
+            f"Expected pixel values in [0, 1], got min {x.min():.3f} and max {x.max():.3f}; "
+            "map [-1, 1] outputs with (x + 1) / 2 and uint8 with x / 255."
+        )
+    return on_white(x.clamp(0, 1))
+
+
+# Copied from metrics/frechet/frechet.py: single_threaded
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch single-threaded. Sprite-sized tensors gain little from intra-op threads, and on a shared CPU
+    (dataloader workers, other jobs) every threaded op waits for a second core: measured on a busy 2-core
+    machine, a 384x384 eigh took 1-3 s instead of 0.05 s, and diversity on 7 sprites 0.65 s instead of 0.06 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def dilate(mask):
+    """3x3 binary dilation of (B, 1, H, W) masks of 0.0 / 1.0."""
+    return F.max_pool2d(mask, 3, stride=1, padding=1)
+
+
+def erode(mask):
+    """3x3 binary erosion; beyond the canvas counts as the creature, so the canvas edge is no outline."""
+    return 1 - dilate(1 - mask)
+
+
+def fill_holes(mask):
+    """`mask` with every background region that the canvas edge cannot reach (8-connected) made part of it."""
+    background = 1 - mask
+    border = torch.ones_like(mask)
+    border[..., 1:-1, 1:-1] = 0
+    outside = background * border
+    while True:  # a flood fill from the edge, one pixel a round
+        spread = dilate(outside) * background
+        if torch.equal(spread, outside):
+            return 1 - outside
+        outside = spread
+
+
+def largest_piece(mask):
+    """The largest 8-connected piece of each (B, 1, H, W) mask. Every pixel starts with its own label (its index
+    + 1) and takes the largest label around it until nothing changes; each round also jumps to the label that the
+    pixel its label names holds by then (that pixel is in the same piece), so long pieces need few rounds."""
+    b, _, h, w = mask.shape
+    inside = mask.flatten(1) > 0
+    labels = torch.arange(1, h * w + 1).expand(b, -1) * inside
+    while True:
+        spread = dilate(labels.view(b, 1, h, w).float()).long().flatten(1) * inside
+        spread = torch.maximum(spread, spread.gather(1, (spread - 1).clamp(min=0)) * inside)
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    sizes = torch.zeros(b, h * w + 1).scatter_add_(1, labels, inside.float())
+    sizes[:, 0] = 0
+    return (labels == sizes.argmax(1, keepdim=True)).float().view(b, 1, h, w) * mask
+
+
+def creature_masks(rgb):
+    """(B, 1, H, W) masks of the creature (opened, holes filled) and of its largest 8-connected piece."""
+    mask = (rgb.amin(1, keepdim=True) < FOREGROUND_BELOW).float()
+    filled = fill_holes(dilate(erode(mask)))
+    return filled, largest_piece(filled)
+
+
+def sprite_statistics(rgb):
+    """Per sprite: (roughness, silhouette complexity, has a creature) of (B, 3, H, W) RGB on white."""
+    filled, largest = creature_masks(rgb)
+    padded = F.pad(rgb, (1, 1, 1, 1), mode="replicate")
+    h, w = rgb.shape[-2:]
+    shifted = torch.stack([padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=2)
+    speckle = (rgb - shifted.median(dim=2).values).abs().mean(1, keepdim=True)
+    area = filled.sum((1, 2, 3))
+    roughness = (speckle * filled).sum((1, 2, 3)) / area.clamp(min=1)
+    piece = largest.sum((1, 2, 3))
+    perimeter = (largest * (1 - erode(largest))).sum((1, 2, 3))
+    complexity = perimeter**2 / (4 * math.pi * piece.clamp(min=1))
+    return roughness, complexity, area > 0
+
+
+def statistics(images):
+    """(roughness mean, silhouette complexity median, empty share) of a set of sprites."""
+    rgb = composite_on_white(images)
+    parts = [sprite_statistics(chunk) for chunk in rgb.split(CHUNK)]
+    roughness, complexity, present = (torch.cat(column) for column in zip(*parts))
+    if not present.any():
+        return float("nan"), float("nan"), 1.0
+    return (roughness[present].mean().item(), complexity[present].median().item(),
+            1 - present.float().mean().item())
+
+
+# metric
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class SpriteStructure(evaluate.Metric):
+    def _info(self):
+        image = datasets.Array3D(shape=(None, 64, 64), dtype="float32")
+        info = evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": image, "references": image}),
+        )
+        # as in metrics/reconstruction: dense arrays back, set after evaluate's check
+        info.format = "numpy"
+        return info
+
+    @single_threaded()
+    def _compute(self, predictions, references):
+        roughness, complexity, empty = statistics(predictions)
+        real_roughness, real_complexity, _ = statistics(references)
+        return {
+            "roughness": roughness,
+            "reference_roughness": real_roughness,
+            "roughness_ratio": roughness / real_roughness,
+            "silhouette_complexity": complexity,
+            "reference_silhouette_complexity": real_complexity,
+            "complexity_ratio": complexity / real_complexity,
+            "empty_fraction": empty,
+        }
