@@ -31,13 +31,14 @@ Why this module: the distribution metrics here (metrics/frechet's sprite-v1 feat
 the reference sheets of ../shared/reference alike whether the sprites are coherent creatures or speckle: for the
 same 32 unseen descriptions × 2 seeds, the pixel-space diffusion UNet that draws creatures has Fréchet 274 and KID
 1.13, and the CPU flow prototype whose bodies are speckled 246 and 1.13 (RESULTS.md, "What the metrics see").
-These two statistics separate them: on those sheets roughness 0.032 against 0.041 (real validation sprites:
-0.032) and silhouette_complexity 2.4 against 1.9 (real: 2.5).
+These two statistics separate them: against 64 real validation sprites, roughness_ratio 1.00 against 1.25 and
+complexity_ratio 1.00 against 0.74. Between two random sets of 64 real sprites the ratios stay within 0.91-1.06
+and 0.87-1.13 (5th to 95th percentile); at 167 against 167, within 0.96-1.02 and 0.93-1.07.
 
 Limits: hand-made statistics, not a learned judge of "is this a creature". A smooth silhouette with a tail meets
 both without a face; a real sprite drawn with heavy dithering is rough. Compare runs against the same references.
 Images are float arrays in [0, 1] of shape (N, C, 64, 64), C = 3 (RGB) or 4 (RGBA, composited onto white). Cost:
-about 2 ms a sprite on one CPU core.
+about 15 ms a sprite on one busy CPU core (the flood fill and the labelling grow one pixel a round).
 """
 
 _KWARGS_DESCRIPTION = """
