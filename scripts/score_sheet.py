@@ -9,11 +9,10 @@ A sheet's columns are prompts and its rows seeds, as both kinds of sheet are lai
 grid with no padding (the reference sheets) or torchvision's 2 px (evaluate_model.py's sheets), whichever the size
 fits. The captions behind a sheet are not known, so only what needs none is scored:
 
-- memorisation: each sprite's distance to its nearest training sprite, next to as many real validation sprites
-  (nn_ratio), and the share of near-copies;
-- structure: roughness and silhouette complexity, next to the same real validation sprites (metrics/sprite_structure);
-- Fréchet distance and KID to real validation sprites, as many as the sheet holds, drawn `--draws` times (fixed
-  seed) and averaged: a sheet holds a few dozen sprites, and Fréchet distance depends on the count, so compare
+- against real validation sprites, as many as the sheet holds, drawn `--draws` times (fixed seed) and averaged:
+  memorisation (each sprite's distance to its nearest training sprite next to theirs: nn_ratio, and the share of
+  near-copies), Fréchet distance and KID, and the structure ratios (roughness and silhouette complexity,
+  metrics/sprite_structure). A sheet holds a few dozen sprites and Fréchet distance depends on the count, so compare
   sheets of one size only;
 - diversity between the rows (the seeds) of each column, where there are two rows or more.
 """
@@ -75,13 +74,15 @@ def score(tiles, train, val, draws):
     generator = torch.Generator().manual_seed(0)
     real = [val[torch.randperm(len(val), generator=generator)[:n]] for _ in range(draws)]
     scores = {"rows": rows, "columns": columns}
-    scores.update(prefixed("memorisation", load("memorisation").compute(predictions=sprites, references=real[0], train_images=train)))
-    scores.update(prefixed("structure", load("sprite_structure").compute(predictions=sprites, references=real[0])))
-    frechet = load("frechet")
-    # KID on the sheet's whole set: subsets of every sprite would be the same subset each time
-    runs = [frechet.compute(predictions=sprites, references=draw, kid_subset_size=n, kid_subsets=1) for draw in real]
-    scores["frechet/frechet_distance"] = float(np.mean([run["frechet_distance"] for run in runs]))
-    scores["frechet/kid"] = float(np.mean([run["kid"] for run in runs]))
+    memorisation, frechet, structure = load("memorisation"), load("frechet"), load("sprite_structure")
+    for prefix, compute in (
+        ("memorisation", lambda draw: memorisation.compute(predictions=sprites, references=draw, train_images=train)),
+        # KID on the sheet's whole set: subsets of every sprite would be the same subset each time
+        ("frechet", lambda draw: frechet.compute(predictions=sprites, references=draw, kid_subset_size=n, kid_subsets=1)),
+        ("structure", lambda draw: structure.compute(predictions=sprites, references=draw)),
+    ):
+        runs = [prefixed(prefix, compute(draw)) for draw in real]
+        scores.update({key: float(np.mean([run[key] for run in runs])) for key in runs[0]})
     if rows > 1:
         group_ids = list(range(columns)) * rows
         scores.update(prefixed("diversity", load("diversity").compute(predictions=sprites, group_ids=group_ids)))
