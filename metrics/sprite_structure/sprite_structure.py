@@ -31,8 +31,8 @@ Why this module: the distribution metrics here (metrics/frechet's sprite-v1 feat
 the reference sheets of ../shared/reference alike whether the sprites are coherent creatures or speckle: for the
 same 32 unseen descriptions × 2 seeds, the pixel-space diffusion UNet that draws creatures has Fréchet 274 and KID
 1.13, and the CPU flow prototype whose bodies are speckled 246 and 1.13 (RESULTS.md, "What the metrics see").
-These two statistics separate them: against 64 real validation sprites, roughness_ratio 1.00 against 1.25 and
-complexity_ratio 1.00 against 0.74. Between two random sets of 64 real sprites the ratios stay within 0.91-1.06
+These two statistics separate them: against 64 real validation sprites, roughness_ratio 1.02 against 1.28 and
+complexity_ratio 1.01 against 0.74 (five draws of them, averaged). Between two random sets of 64 real sprites the ratios stay within 0.91-1.06
 and 0.87-1.13 (5th to 95th percentile); at 167 against 167, within 0.96-1.02 and 0.93-1.07.
 
 Limits: hand-made statistics, not a learned judge of "is this a creature". A smooth silhouette with a tail meets
