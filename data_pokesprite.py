@@ -101,25 +101,29 @@ def colour_captions(split):
     return captions, torch.tensor(colours), torch.tensor(rows, dtype=torch.long).reshape(n, len(names))
 
 
+def split_pixels(split, size, num_channels):
+    """(N, C, size, size) uint8 sprites of a prepared split: RGBA (C = 4) or RGB on white (C = 3), each fitted as
+    prepare_dataset.py fits one (fit_sprite: padded, not stretched)."""
+    pixels = []
+    for image in split["image"]:
+        array = np.asarray(fit_sprite(image.convert("RGBA"), size))
+        pixels.append(on_white(array) if num_channels == 3 else array)
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+
+
 def split_to_tensors(split, tokenizer, config, recolour=False):
     """Decode every sprite and tokenise every caption once: (N, C, H, W) uint8 pixels and padded token ids.
 
-    A sprite of another size than `config.image_size` is fitted as prepare_dataset.py fits one (fit_sprite: padded,
-    not stretched). Captions are padded to the split's longest (at most `max_text_length`), not always to
-    `max_text_length`: padding is masked everywhere, so the result is the same, but short captions (a user's
-    one-liners, the synthetic creatures' 16 tokens) then cost the token transformer and every cross-attention a
-    third of the work.
+    The pixels are split_pixels' at `config.image_size` and `config.num_channels`. Captions are padded to the
+    split's longest (at most `max_text_length`), not always to `max_text_length`: padding is masked everywhere, so
+    the result is the same, but short captions (a user's one-liners, the synthetic creatures' 16 tokens) then cost
+    the token transformer and every cross-attention a third of the work.
 
     With `recolour`, the token ids (and masks) also hold colour_captions' captions after the N own ones, for
     `recolour()`: "colour" is each sprite's colour index, "colour_rows" the row of its caption in each colour, and
     "colour_hsv" COLOUR_HSV's medians as a (K, 3) tensor, moved to the device with the rest.
     """
-    size = config.image_size
-    pixels = []
-    for image in split["image"]:
-        array = np.asarray(fit_sprite(image.convert("RGBA"), size))
-        pixels.append(on_white(array) if config.num_channels == 3 else array)
-    pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    pixels = split_pixels(split, config.image_size, config.num_channels)
     captions, tensors = list(split["text"]), {"pixels": pixels}
     if recolour:
         if config.num_channels != 4:

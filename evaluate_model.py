@@ -52,7 +52,7 @@ from transformers import AutoModel, AutoTokenizer
 from configuration_pokesprite import PokeSpriteConfig
 
 from attention_maps import sprite_grid
-from data_pokesprite import load_splits, split_to_tensors, write_json
+from data_pokesprite import load_splits, split_pixels, write_json
 from generate import GenerateError, check_output_folder, config_range, read_prompts_file, sampling_options
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -141,7 +141,7 @@ def reference_per_seed(kind, prompts, val, train, seeds, train_texts=None, text_
     return [train[nearest[:, k]] for k in range(seeds)]
 
 
-def compute_metrics(splits, train, sprites_for, tokenizer, config, num_prompts=128, seeds=4, inception_weights=None):
+def compute_metrics(splits, train, sprites_for, config, num_prompts=128, seeds=4, inception_weights=None):
     """Every metric of the module docstring, for the first `num_prompts` validation captions.
 
     `train` is the training split's sprites, (M, C, H, W) in [0, 1]. `sprites_for(prompts, seeds, val, train)` returns
@@ -150,7 +150,7 @@ def compute_metrics(splits, train, sprites_for, tokenizer, config, num_prompts=1
     """
     val_split = splits["validation"].select(range(min(num_prompts, len(splits["validation"]))))
     prompts = list(val_split["text"])
-    val = split_to_tensors(val_split, tokenizer, config)["pixels"].float() / 255
+    val = split_pixels(val_split, config.image_size, config.num_channels).float() / 255
     start = time.time()
     per_seed = sprites_for(prompts, seeds, val, train)
     seconds = time.time() - start
@@ -210,19 +210,18 @@ def main(argv=None):
             sampling = sampling_options(model, guidance_scale=args.guidance_scale,
                                         num_inference_steps=args.num_inference_steps, eta=args.eta,
                                         flow_shift=args.flow_shift, epsilon_scaling=args.epsilon_scaling)
-        tokenizer, config = model.tokenizer, model.config
+        config = model.config
         sprites_for = lambda prompts, seeds, val, train: generate_per_seed(model, prompts, seeds, args.batch_size, **sampling)
         about = {"model": args.model, "generator_type": model.config.generator_type}
     else:
         train_texts = list(splits["train"]["text"])
         sprites_for = lambda prompts, seeds, val, train: reference_per_seed(
             args.reference, prompts, val, train, seeds, train_texts, args.text_encoder, args.batch_size)
-        # the sprites as a default model would see them; captions are only used by the retrieval's own tokenizer
-        tokenizer, config = AutoTokenizer.from_pretrained(args.text_encoder), PokeSpriteConfig()
+        config = PokeSpriteConfig()  # the sprites as a default model would see them
         about = {"reference": args.reference}
 
-    train = split_to_tensors(splits["train"], tokenizer, config)["pixels"].float() / 255  # decoded once, for both scores
-    metrics, per_seed = compute_metrics(splits, train, sprites_for, tokenizer, config, args.num_prompts, args.seeds,
+    train = split_pixels(splits["train"], config.image_size, config.num_channels).float() / 255  # decoded once, for both scores
+    metrics, per_seed = compute_metrics(splits, train, sprites_for, config, args.num_prompts, args.seeds,
                                         args.inception_weights)
     metrics.update(about)
     metrics.update(sampling)

@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pokesprite import load_splits, write_json  # noqa: E402
+from data_pokesprite import load_splits, split_pixels, write_json  # noqa: E402
 from evaluate_model import METRICS_DIR, prefixed  # noqa: E402
-from prepare_dataset import fit_sprite  # noqa: E402
 
 SIZE = 64
 
@@ -55,12 +54,6 @@ def sheet_tiles(path):
                      for r in range(rows)]
             return torch.from_numpy(np.array(tiles)).permute(0, 1, 4, 2, 3)
     raise SystemExit(f"error: {path} is {width} x {height} px, not a grid of {SIZE} px sprites with 0 or 2 px of padding")
-
-
-def split_sprites(split):
-    """(N, 4, 64, 64) RGBA floats in [0, 1] of a prepared split, fitted as the trainer fits them."""
-    sprites = [np.asarray(fit_sprite(image.convert("RGBA"), SIZE)) for image in split["image"]]
-    return torch.from_numpy(np.stack(sprites)).permute(0, 3, 1, 2).float() / 255
 
 
 def score(tiles, train, val, draws):
@@ -92,7 +85,8 @@ def score(tiles, train, val, draws):
 def main(argv=None):
     args = parse_args(argv)
     splits = load_splits(args.dataset)
-    train, val = split_sprites(splits["train"]), split_sprites(splits["validation"])
+    # RGBA floats in [0, 1], fitted as the trainer fits them
+    train, val = (split_pixels(splits[name], SIZE, 4).float() / 255 for name in ("train", "validation"))
     results = {}
     for path in args.sheets:
         results[path] = score(sheet_tiles(path), train, val, args.draws)

@@ -137,10 +137,11 @@ def test_score_sheet_cuts_both_layouts_and_scores_real_sprites_above_noise(synth
     import numpy as np
 
     from attention_maps import sprite_grid
+    from data_pokesprite import split_pixels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import score_sheet
 
-    val = score_sheet.split_sprites(evaluate_model.load_splits(synthetic_dataset_dir)["validation"])
+    val = split_pixels(evaluate_model.load_splits(synthetic_dataset_dir)["validation"], 64, 4).float() / 255
     sprites = val[:8]
     on_white = sprite_grid(sprites, nrow=4, scale=1)  # evaluate_model.py's layout: 2 px of padding, 4 x 2
     on_white.save(tmp_path / "padded.png")
