@@ -292,6 +292,36 @@ def test_limbs_raise_silhouette_complexity_above_a_disc():
     assert result["complexity_ratio"] > 1.5
 
 
+def test_limbs_raise_concavity_and_a_ragged_outline_does_not():
+    structure = load("sprite_structure")
+    disc, legged = creature(), creature(limbs=4)
+    ragged = disc.clone()  # a pixel taken out or added at random all along the outline: a blob with a ragged edge
+    ys, xs = torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32, indexing="ij")
+    edge = ((ys**2 + xs**2).sqrt() - 14).abs() < 1.5
+    flip = edge & (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.5)
+    ragged[3, flip] = 1 - ragged[3, flip]
+    discs = disc[None].expand(3, -1, -1, -1)
+    limbs = structure.compute(predictions=legged[None].expand(3, -1, -1, -1), references=discs)
+    assert limbs["reference_concavity"] < 0.05  # a disc fills its hull, but for the pixel steps
+    assert 0.4 < limbs["concavity"] < 0.6 and limbs["concavity_ratio"] > 10
+    rough = structure.compute(predictions=ragged[None].expand(3, -1, -1, -1), references=discs)
+    assert rough["concavity"] < 0.1 and rough["roughness_ratio"] > 5
+
+
+def test_coverage_is_the_creatures_share_of_the_canvas():
+    structure = load("sprite_structure")
+    small = torch.ones(4, 64, 64)
+    small[3] = 0
+    small[:3, 16:48, 16:48], small[3, 16:48, 16:48] = 0.3, 1  # a 32 px square: a quarter of the canvas
+    large = small.clone()
+    large[:3, 8:56, 8:56], large[3, 8:56, 8:56] = 0.3, 1  # 48 px: 0.5625
+    result = structure.compute(predictions=large[None].expand(2, -1, -1, -1), references=small[None].expand(2, -1, -1, -1))
+    assert result["reference_coverage"] == pytest.approx(0.25) and result["coverage"] == pytest.approx(0.5625)
+    assert result["coverage_ratio"] == pytest.approx(2.25)
+    assert result["concavity"] == pytest.approx(0, abs=1e-6)  # a square is its own hull
+    assert math.isnan(result["concavity_ratio"])  # and squares for references leave nothing to divide by
+
+
 def test_structure_sees_the_largest_piece_fills_holes_and_counts_empty_sprites():
     structure = load("sprite_structure")
     disc = creature()
@@ -315,6 +345,8 @@ def test_real_sprites_are_as_rough_and_as_complex_as_other_real_sprites_and_a_bl
     structure = load("sprite_structure")
     real = structure.compute(predictions=first, references=second)
     assert 0.8 < real["roughness_ratio"] < 1.25 and 0.8 < real["complexity_ratio"] < 1.25
+    assert 0.8 < real["concavity_ratio"] < 1.25 and 0.9 < real["coverage_ratio"] < 1.1
     blobs = torch.nn.functional.avg_pool2d(first, 9, stride=1, padding=4, count_include_pad=False)
     blurred = structure.compute(predictions=blobs, references=second)
     assert blurred["roughness_ratio"] < 0.7 and blurred["complexity_ratio"] < 0.8
+    assert blurred["concavity_ratio"] < 0.8 and blurred["coverage_ratio"] > 1.1  # rounder, and spread wider

@@ -19,9 +19,15 @@ yardstick, for real sprites (`references`):
   sprites. A disc scores lowest (1.4 for a disc of radius 14 at this resolution); limbs, tails, ears and wings
   raise it (four legs on that disc: 4.2). A silhouette made ragged by speckle raises it too, so read it beside
   roughness. A creature that fills the whole canvas has no outline there and scores 0.
-- `roughness_ratio` and `complexity_ratio`: generated / real. Both near 1 is a sprite with the texture and the
-  outline of a real one. roughness_ratio well above 1 is speckle; below 1 is smoother than a real sprite
-  (blur, flat blobs). complexity_ratio well below 1 is blobs.
+- `concavity`: the share of the convex hull of the creature's largest piece that the piece leaves empty (1 -
+  solidity, as scikit-image's regionprops defines solidity), median over sprites. The gaps between legs, under arms
+  and beside a tail are what fill it: a disc scores 0 (0.03 with pixel steps), four legs on it 0.48. Unlike
+  complexity, a ragged outline barely moves it: notches a pixel deep are a sliver of the hull.
+- `coverage`: the creature's share of the canvas (all its pieces), mean over sprites.
+- `roughness_ratio`, `complexity_ratio`, `concavity_ratio` and `coverage_ratio`: generated / real. All near 1 is a
+  sprite with the texture, the outline and the size of a real one. roughness_ratio well above 1 is speckle; below 1
+  is smoother than a real sprite (blur, flat blobs). complexity_ratio and concavity_ratio well below 1 are blobs;
+  coverage_ratio above 1 is sprites that spread over more of the canvas than real ones.
 - `empty_fraction`: the share of generated sprites with no creature at all (they are left out of the statistics).
 
 The creature's pixels: those with an RGB channel below 0.92 on white, opened (a 3x3 erosion, then a dilation: lone
@@ -33,7 +39,8 @@ same 32 unseen descriptions × 2 seeds, the pixel-space diffusion UNet that draw
 1.13, and the CPU flow prototype whose bodies are speckled 246 and 1.13 (RESULTS.md, "What the metrics see").
 These two statistics separate them: against 64 real validation sprites, roughness_ratio 1.02 against 1.28 and
 complexity_ratio 1.01 against 0.74 (five draws of them, averaged). Between two random sets of 64 real sprites the ratios stay within 0.91-1.06
-and 0.87-1.13 (5th to 95th percentile); at 167 against 167, within 0.96-1.02 and 0.93-1.07.
+and 0.87-1.13 (5th to 95th percentile); at 167 against 167, within 0.96-1.02 and 0.93-1.07. Concavity and coverage
+came later, when a model passed complexity with ragged outlines on smooth blobs (RESULTS.md, 2026-12-07).
 
 Limits: hand-made statistics, not a learned judge of "is this a creature". A smooth silhouette with a tail meets
 both without a face; a real sprite drawn with heavy dithering is rough. Compare runs against the same references.
@@ -47,7 +54,8 @@ Args:
     references: real sprites, same shape rules (any N; evaluate needs the same N as predictions).
 Returns:
     roughness, reference_roughness, roughness_ratio, silhouette_complexity, reference_silhouette_complexity,
-    complexity_ratio, empty_fraction (all `float`).
+    complexity_ratio, concavity, reference_concavity, concavity_ratio, coverage, reference_coverage,
+    coverage_ratio, empty_fraction (all `float`).
 Examples:
     >>> structure = evaluate.load("metrics/sprite_structure")
     >>> structure.compute(predictions=generated, references=val_images)["roughness_ratio"]
@@ -152,6 +160,34 @@ def largest_piece(mask):
     return (labels == sizes.argmax(1, keepdim=True)).float().view(b, 1, h, w) * mask
 
 
+def convex_hull_area(mask):
+    """The area of the convex hull of the pixel squares of an (H, W) boolean mask. The hull of the squares is the
+    hull of each row's outer corners (its leftmost and rightmost pixel's); Andrew's monotone chain takes the hull of
+    those, the shoelace formula its area."""
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) == 0:
+        return 0.0
+    left = mask[rows].argmax(1)
+    right = mask.shape[1] - mask[rows, ::-1].argmax(1)
+    xs = np.concatenate([left, left, right, right])
+    ys = np.concatenate([rows, rows + 1, rows, rows + 1])
+    order = np.lexsort((ys, xs))
+    points = np.unique(np.stack([xs[order], ys[order]], 1), axis=0).tolist()
+
+    def chain(points):
+        hull = []
+        for p in points:
+            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                      - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
+                hull.pop()
+            hull.append(p)
+        return hull[:-1]
+
+    hull = np.array(chain(points) + chain(points[::-1]), dtype=np.float64)
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
 def creature_masks(rgb):
     """(B, 1, H, W) masks of the creature (opened, holes filled) and of its largest 8-connected piece."""
     mask = (rgb.amin(1, keepdim=True) < FOREGROUND_BELOW).float()
@@ -160,7 +196,8 @@ def creature_masks(rgb):
 
 
 def sprite_statistics(rgb):
-    """Per sprite: (roughness, silhouette complexity, has a creature) of (B, 3, H, W) RGB on white."""
+    """Per sprite: (roughness, silhouette complexity, concavity, coverage, has a creature) of (B, 3, H, W) RGB on
+    white."""
     filled, largest = creature_masks(rgb)
     padded = F.pad(rgb, (1, 1, 1, 1), mode="replicate")
     h, w = rgb.shape[-2:]
@@ -171,18 +208,27 @@ def sprite_statistics(rgb):
     piece = largest.sum((1, 2, 3))
     perimeter = (largest * (1 - erode(largest))).sum((1, 2, 3))
     complexity = perimeter**2 / (4 * math.pi * piece.clamp(min=1))
-    return roughness, complexity, area > 0
+    hulls = torch.tensor([convex_hull_area(m) for m in largest[:, 0].numpy() > 0], dtype=piece.dtype)
+    concavity = 1 - piece / hulls.clamp(min=1)
+    coverage = area / (h * w)
+    return roughness, complexity, concavity, coverage, area > 0
 
 
 def statistics(images):
-    """(roughness mean, silhouette complexity median, empty share) of a set of sprites."""
+    """(roughness mean, silhouette complexity median, concavity median, coverage mean, empty share) of a set of
+    sprites."""
     rgb = composite_on_white(images)
     parts = [sprite_statistics(chunk) for chunk in rgb.split(CHUNK)]
-    roughness, complexity, present = (torch.cat(column) for column in zip(*parts))
+    roughness, complexity, concavity, coverage, present = (torch.cat(column) for column in zip(*parts))
     if not present.any():
-        return float("nan"), float("nan"), 1.0
+        return float("nan"), float("nan"), float("nan"), float("nan"), 1.0
     return (roughness[present].mean().item(), complexity[present].median().item(),
-            1 - present.float().mean().item())
+            concavity[present].median().item(), coverage[present].mean().item(), 1 - present.float().mean().item())
+
+
+def ratio(value, reference):
+    """value / reference, NaN where the references score 0 (convex shapes have no concavity)."""
+    return value / reference if reference else float("nan")
 
 
 # metric
@@ -204,14 +250,20 @@ class SpriteStructure(evaluate.Metric):
 
     @single_threaded()
     def _compute(self, predictions, references):
-        roughness, complexity, empty = statistics(predictions)
-        real_roughness, real_complexity, _ = statistics(references)
+        roughness, complexity, concavity, coverage, empty = statistics(predictions)
+        real_roughness, real_complexity, real_concavity, real_coverage, _ = statistics(references)
         return {
             "roughness": roughness,
             "reference_roughness": real_roughness,
-            "roughness_ratio": roughness / real_roughness,
+            "roughness_ratio": ratio(roughness, real_roughness),
             "silhouette_complexity": complexity,
             "reference_silhouette_complexity": real_complexity,
-            "complexity_ratio": complexity / real_complexity,
+            "complexity_ratio": ratio(complexity, real_complexity),
+            "concavity": concavity,
+            "reference_concavity": real_concavity,
+            "concavity_ratio": ratio(concavity, real_concavity),
+            "coverage": coverage,
+            "reference_coverage": real_coverage,
+            "coverage_ratio": ratio(coverage, real_coverage),
             "empty_fraction": empty,
         }
