@@ -30,7 +30,7 @@ INT_MINIMUMS = {
 FLOAT_RANGES = {
     "l1_weight": (0, math.inf), "mse_weight": (0, math.inf), "attention_weight": (0, math.inf),
     "text_dropout": (0, 1), "guidance_scale": (0, math.inf), "eta": (0, 1), "flow_shift": (0.1, 20), "epsilon_scaling": (0.5, 2), "flow_logit_mean": (-3, 3),
-    "input_perturbation": (0, 1),
+    "flow_min_snr_gamma": (0, math.inf), "input_perturbation": (0, 1),
     "initializer_range": (0, math.inf),
 }
 
@@ -99,6 +99,11 @@ class PokeSpriteConfig(PretrainedConfig):
             eta 0 is deterministic, 1 adds DDPM-like noise at each step.
         flow_logit_mean (`float`, 0.0): the flows only: training draws t = sigmoid(n), n ~ Normal(flow_logit_mean, 1)
             (SD3's logit-normal); a positive mean trains more at high noise (Li & He, 2025, shift the same way).
+        flow_min_snr_gamma (`float`, 0.0): the flows only: the velocity loss weighs the error of the clean-sprite
+            estimate by 1 / t^2, so the nearly clean inputs, where the network only restores detail, dominate the
+            gradient; gamma > 0 caps that weight at gamma (Min-SNR-gamma, Hang et al., 2023: at low noise 1 / t^2 is
+            about the signal-to-noise ratio they cap; 5 recommended there). Noise levels with t > 1 / sqrt(gamma) keep
+            their weight. 0 trains as before.
         flow_shift (`float`, 1.0): the flows only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
             so that s > 1 spends more of them at high noise, where the layout of a sprite is decided (SD3's time
             shift, diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`); 1 spaces them evenly.
@@ -171,6 +176,7 @@ class PokeSpriteConfig(PretrainedConfig):
     num_inference_steps: int = 25
     eta: float = 0.0
     flow_logit_mean: float = 0.0
+    flow_min_snr_gamma: float = 0.0
     flow_shift: float = 1.0
     epsilon_scaling: float = 1.0
     input_perturbation: float = 0.0

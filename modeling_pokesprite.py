@@ -625,6 +625,9 @@ class PokeSpriteFlow(PokeSpriteUNet):
         # against the unperturbed path: (noisy - x0_hat) / t - (noise - x0) = (x0 - x0_hat) / t, so a perturbed input
         # still asks for the clean sprite
         loss_per_sample = (self.velocity(noisy, x0, timesteps) - (noise - pixel_values)).pow(2).mean((1, 2, 3))
+        gamma = self.config.flow_min_snr_gamma
+        if gamma > 0:  # Min-SNR: the x0 error's weight 1 / t^2 capped at gamma (PokeSpriteConfig)
+            loss_per_sample = loss_per_sample * (gamma * timesteps.float().clamp(min=0.05) ** 2).clamp(max=1)
         return PokeSpriteOutput(
             loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=x0.clamp(-1, 1),
             attentions=tuple(attentions) if output_attentions else None,

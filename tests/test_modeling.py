@@ -496,6 +496,19 @@ def test_flow_training_noise_levels_are_logit_normal_around_flow_logit_mean(make
     assert logits.mean().item() == pytest.approx(mean, abs=0.03) and logits.std().item() == pytest.approx(1.0, abs=0.03)
 
 
+def test_flow_min_snr_gamma_caps_the_weight_of_the_nearly_clean_inputs_only(make_model, tokenizer):
+    model = make_model("flow", text_dropout=0.0).eval()
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2] * 2)
+    pixel_values, noise = sprites(4), model.make_noise(4, seeded(0))
+    timesteps = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    run = lambda: model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps).loss_per_sample
+    plain = run()
+    model.config.flow_min_snr_gamma = 5.0
+    capped = run()
+    # the x0 error's weight 1 / t^2 becomes min(1 / t^2, 5): t = 0.1 and 0.3 are scaled by 5 t^2, t > 1 / sqrt(5) not at all
+    torch.testing.assert_close(capped, plain * torch.tensor([0.05, 0.45, 1.0, 1.0]))
+
+
 @pytest.mark.parametrize("kind", ["flow", "diffusion"])
 def test_input_perturbation_moves_the_training_input_off_the_path_and_keeps_the_target(make_model, tokenizer, kind):
     from modeling_pokesprite import cosine_alpha_sigma
