@@ -43,7 +43,7 @@ and 0.87-1.13 (5th to 95th percentile); at 167 against 167, within 0.96-1.02 and
 came later, when a model passed complexity with ragged outlines on smooth blobs (RESULTS.md, 2026-12-07).
 
 Limits: hand-made statistics, not a learned judge of "is this a creature". A smooth silhouette with a tail meets
-both without a face; a real sprite drawn with heavy dithering is rough. Compare runs against the same references.
+them all without a face; a real sprite drawn with heavy dithering is rough. Compare runs against the same references.
 Images are float arrays in [0, 1] of shape (N, C, 64, 64), C = 3 (RGB) or 4 (RGBA, composited onto white). Cost:
 about 15 ms a sprite on one busy CPU core (the flood fill and the labelling grow one pixel a round).
 """
@@ -171,8 +171,7 @@ def convex_hull_area(mask):
     right = mask.shape[1] - mask[rows, ::-1].argmax(1)
     xs = np.concatenate([left, left, right, right])
     ys = np.concatenate([rows, rows + 1, rows, rows + 1])
-    order = np.lexsort((ys, xs))
-    points = np.unique(np.stack([xs[order], ys[order]], 1), axis=0).tolist()
+    points = np.unique(np.stack([xs, ys], 1), axis=0).tolist()  # sorted by x, then y, as the chain needs
 
     def chain(points):
         hull = []
