@@ -607,12 +607,11 @@ class PokeSpriteFlow(PokeSpriteUNet):
     """
 
     objective = "rectified-flow velocity MSE"
+    # t below this would blow up the velocity's division; there the sprite is all but clean anyway
+    min_t = 0.05
 
     def draw_timesteps(self, batch_size, generator=None):
         return torch.sigmoid(torch.randn(batch_size, generator=generator) + self.config.flow_logit_mean)
-
-    # t below this would blow up the velocity's division; there the sprite is all but clean anyway
-    min_t = 0.05
 
     def velocity(self, x, x0, t):
         return (x - x0) / t.view(-1, 1, 1, 1).clamp(min=self.min_t)
@@ -629,7 +628,7 @@ class PokeSpriteFlow(PokeSpriteUNet):
         loss_per_sample = (self.velocity(noisy, x0, timesteps) - (noise - pixel_values)).pow(2).mean((1, 2, 3))
         gamma = self.config.flow_min_snr_gamma
         if gamma > 0:  # Min-SNR: the x0 error's weight 1 / t^2 capped at gamma (PokeSpriteConfig)
-            loss_per_sample = loss_per_sample * (gamma * timesteps.float().clamp(min=self.min_t) ** 2).clamp(max=1)
+            loss_per_sample = loss_per_sample * (gamma * t.flatten().clamp(min=self.min_t) ** 2).clamp(max=1)
         return PokeSpriteOutput(
             loss=loss_per_sample.mean(), loss_per_sample=loss_per_sample, images=x0.clamp(-1, 1),
             attentions=tuple(attentions) if output_attentions else None,
