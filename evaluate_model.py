@@ -14,9 +14,10 @@ the definition and its limits):
 - Fréchet distance and KID to the real validation sprites, in a fixed feature space (Inception with
   `--inception_weights`);
 - L1 / SSIM to the true validation sprite of each caption;
-- structure: speckle inside the creature (roughness) and how far its silhouette is from a round blob (silhouette
-  complexity), each as a ratio to the real validation sprites'. The distribution metrics above cannot tell coherent
-  creatures from speckle in the right colours (RESULTS.md, "What the metrics see"); these two can, roughly;
+- structure: speckle inside the creature (roughness), how far its silhouette is from a round blob (silhouette
+  complexity, concavity), its size (coverage) and its share in thin parts such as legs, tails and ears (limbs), each
+  as a ratio to the real validation sprites'. The distribution metrics above cannot tell coherent creatures from
+  speckle in the right colours (RESULTS.md, "What the metrics see"); these can, roughly;
 - training fit (`--train_prompts`, models only): drawn from the first training captions with seed 0, the share of
   sprites whose nearest training sprite (or its mirror image) is their own, and their L1 / SSIM to it. A model
   that cannot redraw the sprites it was trained on will not draw coherent new ones (RESULTS.md: a model that

@@ -21,6 +21,7 @@ COLUMNS = [  # (eval.json key, header, format)
     ("structure/complexity_ratio", "complexity ratio", "{:.2f}"),  # 1: as real sprites; below: blobs
     ("structure/concavity_ratio", "concavity ratio", "{:.2f}"),  # 1: as real sprites; below: blobs, whatever the outline
     ("structure/coverage_ratio", "coverage ratio", "{:.2f}"),  # 1: as real sprites; above: spread over more canvas
+    ("structure/limb_ratio", "limb ratio", "{:.2f}"),  # 1: as real sprites; below: bodies without legs, tails or ears
     ("fit/nearest_is_own", "nearest is own (training)", "{:.2f}"),  # with --train_prompts: does it redraw its own?
     ("fit/l1", "L1 to own", "{:.3f}"),
     ("seconds_per_sprite", "s/sprite", "{:.3f}"),

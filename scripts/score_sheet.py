@@ -11,8 +11,8 @@ fits. The captions behind a sheet are not known, so only what needs none is scor
 
 - against real validation sprites, as many as the sheet holds, drawn `--draws` times (fixed seed) and averaged:
   memorisation (each sprite's distance to its nearest training sprite next to theirs: nn_ratio, and the share of
-  near-copies), Fréchet distance and KID, and the structure ratios (roughness and silhouette complexity,
-  metrics/sprite_structure). A sheet holds a few dozen sprites and Fréchet distance depends on the count, so compare
+  near-copies), Fréchet distance and KID, and the structure ratios (roughness, silhouette complexity, concavity,
+  coverage and limbs: metrics/sprite_structure). A sheet holds a few dozen sprites and Fréchet distance depends on the count, so compare
   sheets of one size only;
 - diversity between the rows (the seeds) of each column, where there are two rows or more.
 """

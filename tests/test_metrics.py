@@ -308,6 +308,27 @@ def test_limbs_raise_concavity_and_a_ragged_outline_does_not():
     assert rough["concavity"] < 0.1 and rough["roughness_ratio"] > 5
 
 
+def test_limbs_are_the_share_in_parts_thinner_than_the_disc_and_a_ragged_outline_has_none():
+    structure = load("sprite_structure")
+    disc, legs = creature(), creature(limbs=4)
+    ragged = disc.clone()  # notches and bumps a pixel deep all along the outline
+    ys, xs = torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32, indexing="ij")
+    flip = (((ys**2 + xs**2).sqrt() - 14).abs() < 1.5) & (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.5)
+    ragged[3, flip] = 1 - ragged[3, flip]
+    thick = creature()  # a lobe 12 px across on the disc: wider than the disc of the opening, so body, not limb
+    thick[3, 26:38, 44:60] = 1
+    thick[:3, 26:38, 44:60] = 0.3
+    discs = disc[None].expand(3, -1, -1, -1)
+    result = structure.compute(predictions=legs[None].expand(3, -1, -1, -1), references=discs)
+    assert result["reference_limbs"] == 0 and math.isnan(result["limb_ratio"])  # a disc has no thin parts
+    legs_area, disc_area = legs[3].sum().item(), disc[3].sum().item()
+    assert result["limbs"] == pytest.approx((legs_area - disc_area) / legs_area, abs=0.03)  # the four legs, whole
+    for blob in (ragged, thick):
+        assert structure.compute(predictions=blob[None].expand(3, -1, -1, -1), references=discs)["limbs"] < 0.01
+    half = structure.compute(predictions=torch.stack([legs, disc]), references=torch.stack([legs, legs]))
+    assert half["limb_ratio"] == pytest.approx(0.5)  # a mean over sprites, against the references'
+
+
 def test_coverage_is_the_creatures_share_of_the_canvas():
     structure = load("sprite_structure")
     small = torch.ones(4, 64, 64)
@@ -346,7 +367,9 @@ def test_real_sprites_are_as_rough_and_as_complex_as_other_real_sprites_and_a_bl
     real = structure.compute(predictions=first, references=second)
     assert 0.8 < real["roughness_ratio"] < 1.25 and 0.8 < real["complexity_ratio"] < 1.25
     assert 0.8 < real["concavity_ratio"] < 1.25 and 0.9 < real["coverage_ratio"] < 1.1
+    assert 0.75 < real["limb_ratio"] < 1.3 and 0.1 < real["limbs"] < 0.2  # limbs spread wider between real sets
     blobs = torch.nn.functional.avg_pool2d(first, 9, stride=1, padding=4, count_include_pad=False)
     blurred = structure.compute(predictions=blobs, references=second)
     assert blurred["roughness_ratio"] < 0.7 and blurred["complexity_ratio"] < 0.8
     assert blurred["concavity_ratio"] < 0.8 and blurred["coverage_ratio"] > 1.1  # rounder, and spread wider
+    assert blurred["limb_ratio"] < 0.6  # the blur fills in what is thin
