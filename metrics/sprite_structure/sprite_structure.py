@@ -29,9 +29,9 @@ yardstick, for real sprites (`references`):
   mean over sprites: what a morphological opening with a disc 9 px across removes from the piece (the residue of a
   granulometry, as in Maragos's pattern spectrum), counting only residue pieces of at least 12 px, so that the
   notches and bumps of a ragged outline do not count. A disc scores 0, four legs on it 0.19; real Pokémon average
-  0.15, the reference's pixel-space UNet that draws creatures 0.145, blobs far less. Of these statistics it alone
-  separates the models that draw blobs with real sprites' outline averages from real sprites (RESULTS.md, "A judge
-  that sees limbs").
+  0.15, the reference's pixel-space UNet that draws creatures 0.145, its GAN-trained decoder's coloured blobs 0.04.
+  It depends on what the captions describe more than the outline numbers do (the first 32 validation Pokémon: 0.09),
+  so compare sprites of the same captions (RESULTS.md, "A judge that sees limbs").
 - `roughness_ratio`, `complexity_ratio`, `concavity_ratio`, `coverage_ratio` and `limb_ratio`: generated / real.
   All near 1 is a sprite with the texture, the outline, the size and the limbs of a real one. roughness_ratio well
   above 1 is speckle; below 1 is smoother than a real sprite (blur, flat blobs). complexity_ratio, concavity_ratio
