@@ -7,13 +7,14 @@ sheets in ../shared/reference, which come without a model, beside this project's
 
 A sheet's columns are prompts and its rows seeds, as both kinds of sheet are laid out. Its sprites are cut out on a
 grid with no padding (the reference sheets) or torchvision's 2 px (evaluate_model.py's sheets), whichever the size
-fits. The captions behind a sheet are not known, so only what needs none is scored:
+fits. The captions behind a sheet are not known, so only what needs none is scored (the limbs depend on what the
+captions describe more than the rest: hold them against the real sprites of the same captions, RESULTS.md):
 
 - against real validation sprites, as many as the sheet holds, drawn `--draws` times (fixed seed) and averaged:
   memorisation (each sprite's distance to its nearest training sprite next to theirs: nn_ratio, and the share of
   near-copies), Fréchet distance and KID, and the structure ratios (roughness, silhouette complexity, concavity,
-  coverage and limbs: metrics/sprite_structure). A sheet holds a few dozen sprites and Fréchet distance depends on the count, so compare
-  sheets of one size only;
+  coverage and limbs: metrics/sprite_structure). A sheet holds a few dozen sprites and Fréchet distance depends on
+  the count, so compare sheets of one size only;
 - diversity between the rows (the seeds) of each column, where there are two rows or more.
 """
 

@@ -292,14 +292,19 @@ def test_limbs_raise_silhouette_complexity_above_a_disc():
     assert result["complexity_ratio"] > 1.5
 
 
-def test_limbs_raise_concavity_and_a_ragged_outline_does_not():
-    structure = load("sprite_structure")
-    disc, legged = creature(), creature(limbs=4)
-    ragged = disc.clone()  # a pixel taken out or added at random all along the outline: a blob with a ragged edge
+def ragged_disc():
+    """creature()'s disc with a pixel taken out or added at random all along the outline: a blob with a ragged edge."""
+    ragged = creature()
     ys, xs = torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32, indexing="ij")
     edge = ((ys**2 + xs**2).sqrt() - 14).abs() < 1.5
     flip = edge & (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.5)
     ragged[3, flip] = 1 - ragged[3, flip]
+    return ragged
+
+
+def test_limbs_raise_concavity_and_a_ragged_outline_does_not():
+    structure = load("sprite_structure")
+    disc, legged, ragged = creature(), creature(limbs=4), ragged_disc()
     discs = disc[None].expand(3, -1, -1, -1)
     limbs = structure.compute(predictions=legged[None].expand(3, -1, -1, -1), references=discs)
     assert limbs["reference_concavity"] < 0.05  # a disc fills its hull, but for the pixel steps
@@ -310,11 +315,7 @@ def test_limbs_raise_concavity_and_a_ragged_outline_does_not():
 
 def test_limbs_are_the_share_in_parts_thinner_than_the_disc_and_a_ragged_outline_has_none():
     structure = load("sprite_structure")
-    disc, legs = creature(), creature(limbs=4)
-    ragged = disc.clone()  # notches and bumps a pixel deep all along the outline
-    ys, xs = torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32, indexing="ij")
-    flip = (((ys**2 + xs**2).sqrt() - 14).abs() < 1.5) & (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.5)
-    ragged[3, flip] = 1 - ragged[3, flip]
+    disc, legs, ragged = creature(), creature(limbs=4), ragged_disc()
     thick = creature()  # a lobe 12 px across on the disc: wider than the disc of the opening, so body, not limb
     thick[3, 26:38, 44:60] = 1
     thick[:3, 26:38, 44:60] = 0.3
