@@ -15,7 +15,9 @@ captions describe more than the rest: hold them against the real sprites of the 
   near-copies), Fréchet distance and KID, and the structure ratios (roughness, silhouette complexity, concavity,
   coverage and limbs: metrics/sprite_structure). A sheet holds a few dozen sprites and Fréchet distance depends on
   the count, so compare sheets of one size only;
-- diversity between the rows (the seeds) of each column, where there are two rows or more.
+- diversity between the rows (the seeds) of each column, where there are two rows or more;
+- with `--own_captions`, for evaluate_model.py's `validation-prompts.png` (its columns are the first validation
+  captions): the structure again, against those captions' own sprites (`own_structure/*`).
 """
 
 import argparse
@@ -39,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("sheets", nargs="+", help="sample sheets (PNG)")
     parser.add_argument("--dataset", default="data/pokesprite", help="prepare_dataset.py's output: its training and validation sprites")
     parser.add_argument("--draws", type=int, default=5, help="draws of real validation sprites to average Fréchet and KID over")
+    parser.add_argument("--own_captions", action="store_true",
+                        help="the sheets' columns are the first validation captions (evaluate_model.py's validation-prompts.png): "
+                             "also score the structure against those captions' own sprites")
     parser.add_argument("--out", help="write the scores as JSON here, one entry per sheet")
     return parser.parse_args(argv)
 
@@ -57,7 +62,7 @@ def sheet_tiles(path):
     raise SystemExit(f"error: {path} is {width} x {height} px, not a grid of {SIZE} px sprites with 0 or 2 px of padding")
 
 
-def score(tiles, train, val, draws):
+def score(tiles, train, val, draws, own_captions=False):
     """The scores of the module docstring for one sheet's tiles against the training and validation sprites."""
     rows, columns = tiles.shape[:2]
     sprites = tiles.flatten(0, 1)
@@ -77,6 +82,9 @@ def score(tiles, train, val, draws):
     ):
         runs = [prefixed(prefix, compute(draw)) for draw in real]
         scores.update({key: float(np.mean([run[key] for run in runs])) for key in runs[0]})
+    if own_captions:  # each sprite against the real sprite of its column's caption, row after row as flatten lays them
+        own = val[:columns].repeat(rows, 1, 1, 1)
+        scores.update(prefixed("own_structure", structure.compute(predictions=sprites, references=own)))
     if rows > 1:
         group_ids = list(range(columns)) * rows
         scores.update(prefixed("diversity", load("diversity").compute(predictions=sprites, group_ids=group_ids)))
@@ -90,7 +98,7 @@ def main(argv=None):
     train, val = (split_pixels(splits[name], SIZE, 4).float() / 255 for name in ("train", "validation"))
     results = {}
     for path in args.sheets:
-        results[path] = score(sheet_tiles(path), train, val, args.draws)
+        results[path] = score(sheet_tiles(path), train, val, args.draws, args.own_captions)
         print(path, " ".join(f"{key} {value:.3f}" for key, value in results[path].items() if key not in ("rows", "columns")))
     if args.out:
         write_json(args.out, results)

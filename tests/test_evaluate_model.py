@@ -166,3 +166,12 @@ def test_score_sheet_cuts_both_layouts_and_scores_real_sprites_above_noise(synth
     assert real["frechet/kid"] < noise["frechet/kid"] and real["frechet/frechet_distance"] < noise["frechet/frechet_distance"]
     assert noise["memorisation/nn_ratio"] > real["memorisation/nn_ratio"]
     assert real["diversity/num_groups"] == 4 and real["diversity/diversity"] > 0  # rows are different creatures
+
+    # evaluate_model.py's validation sheet: the first captions across, seeds down; here their own sprites on both rows
+    sprite_grid(torch.cat([val[:4], val[:4]]), nrow=4, scale=1).save(tmp_path / "validation-prompts.png")
+    own = score_sheet.main([str(tmp_path / "validation-prompts.png"), "--dataset", str(synthetic_dataset_dir), "--draws", "1",
+                            "--own_captions"])[str(tmp_path / "validation-prompts.png")]
+    # (the sheet went through 8-bit PNG: equal but for rounding)
+    assert own["own_structure/roughness_ratio"] == pytest.approx(1, abs=0.01)
+    assert own["own_structure/coverage_ratio"] == pytest.approx(1, abs=0.01)
+    assert "own_structure/roughness_ratio" not in real  # only with --own_captions
