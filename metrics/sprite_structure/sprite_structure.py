@@ -194,13 +194,12 @@ def disc_opening(mask, radius):
     return (F.conv2d(fits.float(), disc, padding=radius) > 0).float() * mask
 
 
-def limb_share(piece):
-    """Per sprite: the share of its largest piece (B, 1, H, W) in parts thinner than the opening's disc, counting
+def limb_pixels(piece):
+    """Per sprite: the pixels of its largest piece (B, 1, H, W) in parts thinner than the opening's disc, counting
     residue pieces of LIMB_MIN_AREA px or more."""
     residue = piece - disc_opening(piece, LIMB_RADIUS)
     labels = piece_labels(residue)
-    limbs = (piece_sizes(labels) >= LIMB_MIN_AREA).gather(1, labels) & (labels > 0)
-    return limbs.sum(1) / piece.sum((1, 2, 3)).clamp(min=1)
+    return ((piece_sizes(labels) >= LIMB_MIN_AREA).gather(1, labels) & (labels > 0)).sum(1)
 
 
 def convex_hull_area(mask):
@@ -253,7 +252,8 @@ def sprite_statistics(rgb):
     hulls = torch.tensor([convex_hull_area(m) for m in largest[:, 0].numpy() > 0], dtype=piece.dtype)
     concavity = 1 - piece / hulls.clamp(min=1)
     coverage = area / (h * w)
-    return roughness, complexity, concavity, coverage, limb_share(largest), area > 0
+    limbs = limb_pixels(largest) / piece.clamp(min=1)
+    return roughness, complexity, concavity, coverage, limbs, area > 0
 
 
 def statistics(images):
