@@ -104,6 +104,11 @@ class PokeSpriteConfig(PretrainedConfig):
             gradient; gamma > 0 caps that weight at gamma (Min-SNR-gamma, Hang et al., 2023: at low noise 1 / t^2 is
             about the signal-to-noise ratio they cap; 5 recommended there). Noise levels with t > 1 / sqrt(gamma) keep
             their weight. 0 trains as before.
+        flow_loss_pool_sizes (`list[int]`, [1]): the flows only: the velocity loss is summed over these average-pooled
+            copies of its error, 1 being the error itself ("simple diffusion", Hoogeboom et al., 2023, section 3.3: a
+            multiscale loss). An error spread over a k x k block counts again in each pool of k or less, an error from
+            one pixel to the next only at 1, so [1, 2, 4, 8] weighs the layout and the colour of whole parts (8 to 32
+            px) above pixel detail. Each size must divide the side of what the flow draws (latent-flow: its latents).
         flow_shift (`float`, 1.0): the flows only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
             so that s > 1 spends more of them at high noise, where the layout of a sprite is decided (SD3's time
             shift, diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`); 1 spaces them evenly.
@@ -177,6 +182,7 @@ class PokeSpriteConfig(PretrainedConfig):
     eta: float = 0.0
     flow_logit_mean: float = 0.0
     flow_min_snr_gamma: float = 0.0
+    flow_loss_pool_sizes: list[int] | tuple[int, ...] = (1,)
     flow_shift: float = 1.0
     epsilon_scaling: float = 1.0
     input_perturbation: float = 0.0
@@ -229,11 +235,16 @@ class PokeSpriteConfig(PretrainedConfig):
             raise ValueError(f"autoencoder_channels has {len(self.autoencoder_channels)} entries, so its encoder halves the sprite "
                              f"{len(self.autoencoder_channels) - 1} times, but unet_patch_size is {self.unet_patch_size}: "
                              f"it needs log2(unet_patch_size) + 1 entries")
+        flow_side = self.image_size // (self.unet_patch_size if self.generator_type == "latent-flow" else 1)
+        if not self.flow_loss_pool_sizes or any(flow_side % k for k in self.flow_loss_pool_sizes):
+            raise ValueError(f"PokeSpriteConfig.flow_loss_pool_sizes must be pool sizes that divide {flow_side}, the side of "
+                             f"what the {self.generator_type} generator draws, got {self.flow_loss_pool_sizes!r}")
         # json gives lists back; keep one type so saved and loaded configs compare equal
         self.cross_attention_resolutions = list(self.cross_attention_resolutions)
         self.unet_channels = list(self.unet_channels)
         self.unet_attention_resolutions = list(self.unet_attention_resolutions)
         self.autoencoder_channels = list(self.autoencoder_channels)
+        self.flow_loss_pool_sizes = list(self.flow_loss_pool_sizes)
 
     def check_types_and_ranges(self):
         """Every numeric field has the right type and a usable value, so a tampered or hand-edited `config.json`
@@ -250,7 +261,8 @@ class PokeSpriteConfig(PretrainedConfig):
             value = getattr(self, name)
             if not is_number(value) or not low <= value <= high:
                 fail(name, f"a number from {low} to {high}")
-        for name in ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels"):
+        for name in ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels",
+                     "flow_loss_pool_sizes"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(is_int(v) and v >= 1 for v in value):
                 fail(name, "a list of integers >= 1")

@@ -625,7 +625,9 @@ class PokeSpriteFlow(PokeSpriteUNet):
         x0 = x0.float()
         # against the unperturbed path: (noisy - x0_hat) / t - (noise - x0) = (x0 - x0_hat) / t, so a perturbed input
         # still asks for the clean sprite
-        loss_per_sample = (self.velocity(noisy, x0, timesteps) - (noise - pixel_values)).pow(2).mean((1, 2, 3))
+        error = self.velocity(noisy, x0, timesteps) - (noise - pixel_values)
+        # the multiscale loss (PokeSpriteConfig.flow_loss_pool_sizes); [1] is the plain velocity MSE
+        loss_per_sample = sum(F.avg_pool2d(error, k).pow(2).mean((1, 2, 3)) for k in self.config.flow_loss_pool_sizes)
         gamma = self.config.flow_min_snr_gamma
         if gamma > 0:  # Min-SNR: the x0 error's weight 1 / t^2 capped at gamma (PokeSpriteConfig)
             loss_per_sample = loss_per_sample * (gamma * t.flatten().clamp(min=self.min_t) ** 2).clamp(max=1)

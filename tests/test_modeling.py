@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
@@ -507,6 +508,31 @@ def test_flow_min_snr_gamma_caps_the_weight_of_the_nearly_clean_inputs_only(make
     capped = run()
     # the x0 error's weight 1 / t^2 becomes min(1 / t^2, 5): t = 0.1 and 0.3 are scaled by 5 t^2, t > 1 / sqrt(5) not at all
     torch.testing.assert_close(capped, plain * torch.tensor([0.05, 0.45, 1.0, 1.0]))
+
+def test_flow_loss_pool_sizes_add_the_pooled_velocity_error_to_the_plain_one(make_model, tokenizer):
+    model = make_model("flow", text_dropout=0.0).eval()
+    estimates = []  # the UNet's clean-sprite estimate
+    model.generator.register_forward_hook(lambda module, args, output: estimates.append(output[0].float()))
+    input_ids, attention_mask = batch_of(tokenizer, PROMPTS[:2] * 2)
+    pixel_values, noise = sprites(4), model.make_noise(4, seeded(0))
+    timesteps = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    run = lambda: model(input_ids, attention_mask, noise=noise, pixel_values=pixel_values, timesteps=timesteps).loss_per_sample
+    plain = run()
+    model.config.flow_loss_pool_sizes = [1, 4]
+    multiscale = run()
+    error = (pixel_values - estimates[-1]) / timesteps.view(-1, 1, 1, 1)  # the velocity's error, (x0 - x0_hat) / t
+    torch.testing.assert_close(plain, error.pow(2).mean((1, 2, 3)))
+    torch.testing.assert_close(multiscale, plain + F.avg_pool2d(error, 4).pow(2).mean((1, 2, 3)))
+    # pixel noise averages out of a 4 x 4 block; an error shared by the block counts in full again
+    assert ((multiscale - plain) / plain).max() < 1
+
+
+@pytest.mark.parametrize("kind, sizes, side", [("flow", [1, 3], 64), ("flow", [], 64), ("latent-flow", [1, 32], 16)])
+def test_flow_loss_pool_sizes_that_do_not_divide_what_the_flow_draws_are_an_error(kind, sizes, side):
+    extra = {"unet_patch_size": 4, "autoencoder_channels": [16, 64, 128]} if kind == "latent-flow" else {}
+    with pytest.raises(ValueError, match=rf"^PokeSpriteConfig.flow_loss_pool_sizes must be pool sizes that divide {side},"):
+        PokeSpriteConfig(generator_type=kind, flow_loss_pool_sizes=sizes, **extra)
+
 
 
 @pytest.mark.parametrize("kind", ["flow", "diffusion"])
