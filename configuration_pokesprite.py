@@ -105,8 +105,8 @@ class PokeSpriteConfig(PretrainedConfig):
             about the signal-to-noise ratio they cap; 5 recommended there). Noise levels with t > 1 / sqrt(gamma) keep
             their weight. 0 trains as before.
         flow_loss_pool_sizes (`list[int]`, [1]): the flows only: the velocity loss is summed over these average-pooled
-            copies of its error, 1 being the error itself ("simple diffusion", Hoogeboom et al., 2023, section 3.3: a
-            multiscale loss). An error spread over a k x k block counts again in each pool of k or less, an error from
+            copies of its error, 1 being the error itself ("simple diffusion", Hoogeboom et al., 2023: its
+            multiscale training loss). An error spread over a k x k block counts again in each pool of k or less, an error from
             one pixel to the next only at 1, so [1, 2, 4, 8] weighs the layout and the colour of whole parts (8 to 32
             px) above pixel detail. Each size must divide the side of what the flow draws (latent-flow: its latents).
         flow_shift (`float`, 1.0): the flows only: the Euler steps' noise levels t are shifted to s t / (1 + (s - 1) t),
@@ -235,10 +235,14 @@ class PokeSpriteConfig(PretrainedConfig):
             raise ValueError(f"autoencoder_channels has {len(self.autoencoder_channels)} entries, so its encoder halves the sprite "
                              f"{len(self.autoencoder_channels) - 1} times, but unet_patch_size is {self.unet_patch_size}: "
                              f"it needs log2(unet_patch_size) + 1 entries")
-        flow_side = self.image_size // (self.unet_patch_size if self.generator_type == "latent-flow" else 1)
-        if not self.flow_loss_pool_sizes or any(flow_side % k for k in self.flow_loss_pool_sizes):
-            raise ValueError(f"PokeSpriteConfig.flow_loss_pool_sizes must be pool sizes that divide {flow_side}, the side of "
-                             f"what the {self.generator_type} generator draws, got {self.flow_loss_pool_sizes!r}")
+        if self.generator_type in ("flow", "latent-flow"):
+            flow_side = self.image_size // (self.unet_patch_size if self.generator_type == "latent-flow" else 1)
+            if any(flow_side % k for k in self.flow_loss_pool_sizes):
+                raise ValueError(f"PokeSpriteConfig.flow_loss_pool_sizes must be pool sizes that divide {flow_side}, the side of "
+                                 f"what the {self.generator_type} generator draws, got {self.flow_loss_pool_sizes!r}")
+        elif list(self.flow_loss_pool_sizes) != [1]:
+            raise ValueError(f"PokeSpriteConfig.flow_loss_pool_sizes is for the flows (flow, latent-flow), not the "
+                             f"{self.generator_type} generator: leave it [1]")
         # json gives lists back; keep one type so saved and loaded configs compare equal
         self.cross_attention_resolutions = list(self.cross_attention_resolutions)
         self.unet_channels = list(self.unet_channels)
@@ -266,7 +270,7 @@ class PokeSpriteConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(is_int(v) and v >= 1 for v in value):
                 fail(name, "a list of integers >= 1")
-        for name in ("unet_channels", "autoencoder_channels"):
+        for name in ("unet_channels", "autoencoder_channels", "flow_loss_pool_sizes"):
             if not getattr(self, name):
                 fail(name, "a non-empty list")
         for name in ("generator_type", "model_name", "latent_flow_stage"):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from configuration_pokesprite import FLOAT_RANGES, INT_MINIMUMS, PokeSpriteConfig
 
-LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels")
+LISTS = ("cross_attention_resolutions", "unet_channels", "unet_attention_resolutions", "autoencoder_channels", "flow_loss_pool_sizes")
 FIELDS = [*INT_MINIMUMS, *FLOAT_RANGES, *LISTS, "generator_type", "model_name", "freeze_text_encoder", "unet_symmetric",
           "latent_flow_stage", "self_conditioning", "augment_conditioning"]
 ANY_VALUE = st.one_of(
