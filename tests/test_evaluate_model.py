@@ -175,3 +175,38 @@ def test_score_sheet_cuts_both_layouts_and_scores_real_sprites_above_noise(synth
     assert own["own_structure/roughness_ratio"] == pytest.approx(1, abs=0.01)
     assert own["own_structure/coverage_ratio"] == pytest.approx(1, abs=0.01)
     assert "own_structure/roughness_ratio" not in real  # only with --own_captions
+
+
+def test_layout_judge_learns_real_layouts_and_rates_upside_down_sprites_below_them(synthetic_dataset_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from attention_maps import sprite_grid
+    from data_pokesprite import split_pixels
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import layout_judge
+
+    images = torch.rand(2, 3, 64, 64)
+    at, sprite = torch.tensor([[5, 9], [40, 0]]), torch.tensor([1, 0])
+    patches = layout_judge.cut_patches(images, sprite, at)
+    assert torch.equal(patches[0], images[1, :, 5:17, 9:21]) and torch.equal(patches[1], images[0, :, 40:52, 0:12])
+
+    # a sheet of validation sprites, and the same sprites upside down: every part where it does not belong
+    val = split_pixels(evaluate_model.load_splits(synthetic_dataset_dir)["validation"], 64, 4).float() / 255
+    sprite_grid(val[:8], nrow=4, scale=1).save(tmp_path / "real.png")
+    sprite_grid(val[:8].flip(2), nrow=4, scale=1).save(tmp_path / "upside-down.png")
+    Image.new("RGB", (66 * 4 + 2, 66 + 2), "white").save(tmp_path / "blank.png")
+    sheets = [str(tmp_path / "real.png"), str(tmp_path / "upside-down.png")]
+    args = ["--dataset", str(synthetic_dataset_dir), "--steps", "300", "--pairs", "32", "--judge", str(tmp_path / "judge.safetensors")]
+    scores = layout_judge.main(sheets + args + ["--out", str(tmp_path / "layout.json")])
+    assert scores["real validation sprites"]["accuracy"] > 2 / 8  # chance is 1/8: it learned where parts go
+    assert scores[sheets[0]]["accuracy_ratio"] == pytest.approx(1, abs=0.2)  # the same kind of sprites, through a PNG
+    assert scores[sheets[1]]["accuracy_ratio"] < scores[sheets[0]]["accuracy_ratio"] - 0.2
+    low, high = scores[sheets[0]]["real_ratio_spread"]
+    assert low <= 1 <= high
+    saved = json.loads((tmp_path / "layout.json").read_text())
+    assert saved.keys() == scores.keys() and all(saved[k]["accuracy"] == pytest.approx(scores[k]["accuracy"]) for k in scores)
+    # the saved judge is loaded, not trained again (--steps 0 would leave an untrained one): the same scores
+    assert layout_judge.main(sheets + args[:2] + ["--steps", "0"] + args[4:]) == scores
+    with pytest.raises(SystemExit, match="blank.png: no sprite has two"):
+        layout_judge.main([str(tmp_path / "blank.png")] + args)

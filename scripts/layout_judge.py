@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""A learned judge of how a sprite's parts are arranged: context prediction (Doersch et al., 2015, "Unsupervised
+Visual Representation Learning by Context Prediction") trained on the real training sprites, then asked of sample
+sheets.
+
+    python scripts/layout_judge.py ../shared/reference/*_unseen-descriptions.png docs/*_validation-prompts.png \
+        --dataset data/pokesprite --judge outputs/layout-judge.safetensors --out outputs/eval/layout.json
+
+The judge sees two small patches of a sprite, a centre one and one of its eight neighbours on a 3 x 3 grid (with a
+gap and a jitter between them, so that the lines running across the border cannot give the answer away), and names
+which neighbour the second one is. Both patches lie inside the creature, and each loses its local mean: the outline
+(which metrics/sprite_structure judges) and the shading (light from the top left, which a smooth blob has too) would
+otherwise give the answer away. What is left is the parts: eyes above a mouth, a belly below a face, ink lines where
+a limb meets the body. A blob of mottled colour or a speckled body has none to go by.
+
+Score, per set of sprites: `accuracy`, the share of pairs (`--pairs` a sprite on average) whose neighbour the judge
+names (chance is 1/8), and `accuracy_ratio`, that over the real validation sprites' own, with the spread of the
+ratio between random sets of as many real validation sprites (5th to 95th percentile). The judge is trained on the
+training split, so it is a yardstick of this dataset's sprites, not of sprites in general; RESULTS.md has what it
+separates ("A learned judge of the inside").
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_maps import on_white  # noqa: E402
+from data_pokesprite import load_splits, split_pixels, write_json  # noqa: E402
+from score_sheet import sheet_tiles  # noqa: E402
+
+PATCH = 12  # px: big enough for an eye or a foot, small enough that a 3 x 3 grid of them fits inside a creature
+GAP = 3  # px between neighbouring patches, before the jitter
+JITTER = 1  # px each patch may move on its own
+STRIDE = PATCH + GAP
+FOREGROUND_BELOW = 0.92  # metrics/sprite_structure's rule: a pixel is the creature's when a channel is darker than this
+MIN_CREATURE = 0.95  # both patches of a pair must be this much creature: the inside, where the parts are, not the outline
+# the eight neighbours of the centre cell, in reading order: (row, column) steps on the grid
+NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sheets", nargs="*", help="sample sheets (PNG) to judge")
+    parser.add_argument("--dataset", default="data/pokesprite", help="prepare_dataset.py's output: the judge trains on its training split")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps of the judge")
+    parser.add_argument("--batch_size", type=int, default=128, help="pairs a step")
+    parser.add_argument("--pairs", type=int, default=64, help="pairs asked of each judged sprite")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", help="a trained judge (safetensors): loaded if the file exists, else trained and saved there")
+    parser.add_argument("--out", help="write the scores as JSON here")
+    return parser.parse_args(argv)
+
+
+class PairJudge(nn.Module):
+    """One small conv encoder for both patches (shared weights), and a classifier of the pair's relative position."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),  # 6 px
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),  # 3 px
+            nn.Flatten(),
+        )
+        features = 2 * width * 3 * 3
+        self.head = nn.Sequential(nn.Linear(2 * features, 256), nn.ReLU(), nn.Linear(256, len(NEIGHBOURS)))
+
+    def forward(self, centre, neighbour):
+        return self.head(torch.cat([self.encoder(high_pass(centre)), self.encoder(high_pass(neighbour))], dim=1))
+
+
+def high_pass(patches):
+    """Each patch less its 5 x 5 local mean: edges, lines and eyes stay, shading goes. Without this the judge learned
+    the light falling from the top left, and rated smooth shaded blobs above real sprites."""
+    return patches - F.avg_pool2d(patches, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def sample_pairs(rgb, creature, n, generator):
+    """n (centre, neighbour, label, sprite) patch pairs from random sprites of (B, 3, 64, 64) RGB on white whose two patches
+    are at least MIN_CREATURE creature; fewer if the sprites do not hold that many (blank or tiny ones)."""
+    size = rgb.shape[-1]
+    span = 3 * PATCH + 2 * GAP + 2 * JITTER
+    centres, neighbours, labels, sprites = [], [], [], []
+    for _ in range(8):  # most draws land on the creature; a few rounds fill the batch
+        sprite = torch.randint(len(rgb), (4 * n,), generator=generator)
+        label = torch.randint(len(NEIGHBOURS), (4 * n,), generator=generator)
+        origin = torch.randint(size - span + 1, (4 * n, 2), generator=generator) + JITTER
+        steps = torch.tensor(NEIGHBOURS)[label] + 1
+        centre_at = origin + STRIDE + torch.randint(-JITTER, JITTER + 1, (4 * n, 2), generator=generator)
+        neighbour_at = origin + steps * STRIDE + torch.randint(-JITTER, JITTER + 1, (4 * n, 2), generator=generator)
+        cut = lambda images, at: cut_patches(images, sprite, at)
+        keep = (cut(creature, centre_at).mean((1, 2, 3)) >= MIN_CREATURE) & (cut(creature, neighbour_at).mean((1, 2, 3)) >= MIN_CREATURE)
+        centres.append(cut(rgb, centre_at)[keep])
+        neighbours.append(cut(rgb, neighbour_at)[keep])
+        labels.append(label[keep])
+        sprites.append(sprite[keep])
+        if sum(len(x) for x in labels) >= n:
+            break
+    return tuple(torch.cat(x)[:n] for x in (centres, neighbours, labels, sprites))
+
+
+def cut_patches(images, sprite, at):
+    """(n, C, PATCH, PATCH): the patch of images[sprite[i]] whose top-left corner is at[i] (row, column)."""
+    offsets = torch.arange(PATCH)
+    rows = (at[:, 0, None] + offsets)[:, :, None]
+    columns = (at[:, 1, None] + offsets)[:, None, :]
+    return images[sprite[:, None, None], :, rows, columns].permute(0, 3, 1, 2)
+
+
+def creature_of(rgb):
+    return (rgb.amin(1, keepdim=True) < FOREGROUND_BELOW).float()
+
+
+def train_judge(rgb, steps, batch_size, seed):
+    """The judge, trained on the pairs of (N, 3, 64, 64) real sprites on white; fresh pairs every step."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    creature = creature_of(rgb)
+    judge = PairJudge()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    for step in range(steps):
+        centre, neighbour, label, _ = sample_pairs(rgb, creature, batch_size, generator)
+        loss = F.cross_entropy(judge(2 * centre - 1, 2 * neighbour - 1), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"judge step {step}: loss {loss.item():.3f}", flush=True)
+    return judge
+
+
+@torch.no_grad()
+def judge_sprites(judge, rgb, pairs, seed):
+    """Per sprite of (N, 3, 64, 64) RGB on white: (pairs asked, pairs the judge got right), `pairs` pairs a sprite on
+    average (the pairs go to random sprites, and a sprite with a small inside gets fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    centre, neighbour, label, sprite = sample_pairs(rgb, creature_of(rgb), pairs * len(rgb), generator)
+    right = torch.cat([judge(2 * c - 1, 2 * n - 1).argmax(1) for c, n in zip(centre.split(4096), neighbour.split(4096))]) == label
+    asked = torch.zeros(len(rgb)).index_add_(0, sprite, torch.ones(len(sprite)))
+    return asked, torch.zeros(len(rgb)).index_add_(0, sprite, right.float())
+
+
+def subset_spread(asked, right, n, draws=200, seed=0):
+    """5th and 95th percentile of the pooled accuracy of `draws` random sets of n of these sprites."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.stack([torch.randperm(len(asked), generator=generator)[:n] for _ in range(draws)])
+    accuracy = right[picks].sum(1) / asked[picks].sum(1)
+    return torch.quantile(accuracy, torch.tensor([0.05, 0.95])).tolist()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    splits = load_splits(args.dataset)
+    train, val = (on_white(split_pixels(splits[name], 64, 4).float() / 255) for name in ("train", "validation"))
+    judge = PairJudge()
+    if args.judge and Path(args.judge).exists():
+        judge.load_state_dict(load_file(args.judge))
+    else:
+        judge = train_judge(train, args.steps, args.batch_size, args.seed)
+        if args.judge:
+            save_file(judge.state_dict(), args.judge)
+    judge.eval()
+    real_asked, real_right = judge_sprites(judge, val, args.pairs, args.seed + 1)
+    real = (real_right.sum() / real_asked.sum()).item()
+    results = {"real validation sprites": {"sprites": len(val), "pairs": int(real_asked.sum()), "accuracy": real, "accuracy_ratio": 1.0}}
+    for path in ["real training sprites (seen by the judge)"] + args.sheets:
+        rgb = train if path.startswith("real training") else sheet_tiles(path).flatten(0, 1)
+        asked, right = judge_sprites(judge, rgb, args.pairs, args.seed + 1)
+        if asked.sum() == 0:
+            raise SystemExit(f"error: {path}: no sprite has two {PATCH} px patches {GAP} px apart that are both "
+                             f"{MIN_CREATURE:.0%} creature: nothing to judge")
+        accuracy = (right.sum() / asked.sum()).item()
+        results[path] = {"sprites": len(rgb), "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real}
+        if len(rgb) < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
+            results[path]["real_ratio_spread"] = [bound / real for bound in subset_spread(real_asked, real_right, len(rgb))]
+    for path, scores in results.items():
+        spread = scores.get("real_ratio_spread")
+        spread = f", real sets of {scores['sprites']}: {spread[0]:.2f}-{spread[1]:.2f}" if spread else ""
+        print(f"{path}: accuracy {scores['accuracy']:.3f}, {scores['accuracy_ratio']:.2f} of real ({scores['pairs']} pairs{spread})")
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
