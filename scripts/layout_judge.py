@@ -77,8 +77,9 @@ class PairJudge(nn.Module):
 
 
 def high_pass(patches):
-    """Each patch less its 5 x 5 local mean: edges, lines and eyes stay, shading goes. Without this the judge learned
-    the light falling from the top left, and rated smooth shaded blobs above real sprites."""
+    """Each patch less its 5 x 5 local mean: edges, lines and eyes stay, shading goes. Light from the top left tells a
+    patch's place on a smooth blob as well as on a creature: with it, and with pairs that may cross the outline, the
+    judge rated the GAN's shaded blobs above real sprites (RESULTS.md, "A learned judge of the inside")."""
     return patches - F.avg_pool2d(patches, 5, stride=1, padding=2, count_include_pad=False)
 
 
