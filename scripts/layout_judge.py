@@ -29,16 +29,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "metrics" / "sprite_structure")]
 from attention_maps import on_white  # noqa: E402
 from data_pokesprite import load_splits, split_pixels, write_json  # noqa: E402
 from score_sheet import sheet_tiles  # noqa: E402
+from sprite_structure import FOREGROUND_BELOW  # noqa: E402  (a pixel is the creature's when a channel is darker)
 
 PATCH = 12  # px: big enough for an eye or a foot, small enough that a 3 x 3 grid of them fits inside a creature
 GAP = 3  # px between neighbouring patches, before the jitter
 JITTER = 1  # px each patch may move on its own
 STRIDE = PATCH + GAP
-FOREGROUND_BELOW = 0.92  # metrics/sprite_structure's rule: a pixel is the creature's when a channel is darker than this
 MIN_CREATURE = 0.95  # both patches of a pair must be this much creature: the inside, where the parts are, not the outline
 # the eight neighbours of the centre cell, in reading order: (row, column) steps on the grid
 NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
@@ -96,12 +97,13 @@ def sample_pairs(rgb, creature, n, generator):
         steps = torch.tensor(NEIGHBOURS)[label] + 1
         centre_at = origin + STRIDE + torch.randint(-JITTER, JITTER + 1, (4 * n, 2), generator=generator)
         neighbour_at = origin + steps * STRIDE + torch.randint(-JITTER, JITTER + 1, (4 * n, 2), generator=generator)
-        cut = lambda images, at: cut_patches(images, sprite, at)
-        keep = (cut(creature, centre_at).mean((1, 2, 3)) >= MIN_CREATURE) & (cut(creature, neighbour_at).mean((1, 2, 3)) >= MIN_CREATURE)
-        centres.append(cut(rgb, centre_at)[keep])
-        neighbours.append(cut(rgb, neighbour_at)[keep])
-        labels.append(label[keep])
-        sprites.append(sprite[keep])
+        inside = lambda at: cut_patches(creature, sprite, at).mean((1, 2, 3)) >= MIN_CREATURE
+        keep = inside(centre_at) & inside(neighbour_at)
+        sprite, label = sprite[keep], label[keep]  # cut the colour patches of the kept pairs only
+        centres.append(cut_patches(rgb, sprite, centre_at[keep]))
+        neighbours.append(cut_patches(rgb, sprite, neighbour_at[keep]))
+        labels.append(label)
+        sprites.append(sprite)
         if sum(len(x) for x in labels) >= n:
             break
     return tuple(torch.cat(x)[:n] for x in (centres, neighbours, labels, sprites))
@@ -162,8 +164,8 @@ def main(argv=None):
     args = parse_args(argv)
     splits = load_splits(args.dataset)
     train, val = (on_white(split_pixels(splits[name], 64, 4).float() / 255) for name in ("train", "validation"))
-    judge = PairJudge()
     if args.judge and Path(args.judge).exists():
+        judge = PairJudge()
         judge.load_state_dict(load_file(args.judge))
     else:
         judge = train_judge(train, args.steps, args.batch_size, args.seed)
