@@ -25,7 +25,8 @@ the definition and its limits):
 
 It writes `eval.json` and sample sheets (columns = prompts, rows = seeds): `validation-prompts.png`,
 `new-descriptions.png` for the descriptions in `--new_descriptions`, and `training-prompts.png` (the sprites drawn
-from training captions above the training sprites themselves).
+from training captions above the training sprites themselves). `validation-all.png` holds every sprite scored, laid
+out the same way, for judges that need more sprites than a sheet (`scripts/layout_judge.py`).
 
 `--reference` scores what a model is measured against, through the same metrics, instead of a model:
 
@@ -227,6 +228,7 @@ def main(argv=None):
     metrics.update(about)
     metrics.update(sampling)
     sample_sheet(per_seed[:2], min(args.sheet_prompts, len(per_seed[0]))).save(out / "validation-prompts.png")
+    sample_sheet(per_seed, len(per_seed[0])).save(out / "validation-all.png")
     if args.model and args.train_prompts > 0:
         fit, sheet = training_fit(model, splits, train, args.train_prompts, args.sheet_prompts, args.batch_size, **sampling)
         metrics.update(fit)

