@@ -15,8 +15,8 @@ a limb meets the body. A blob of mottled colour or a speckled body has none to g
 
 Score, per set of sprites: `accuracy`, the share of pairs (`--pairs` a sprite on average) whose neighbour the judge
 names (chance is 1/8), and `accuracy_ratio`, that over the real validation sprites' own, with two spreads (5th to
-95th percentile): `ratio_interval`, the set's own bootstrap interval (its sprites drawn again with replacement), which
-says whether two sets can be told apart, and for sets smaller than the validation split `real_ratio_spread`, what
+95th percentile): `ratio_interval`, the set's own bootstrap interval (its captions drawn again with replacement),
+which says whether two sets can be told apart, and for sets smaller than the validation split `real_ratio_spread`, what
 random sets of as many real validation sprites score. A sheet of 64 sprites is too few to rank models; the
 `validation-all.png` of evaluate_model.py (167 captions x 4 seeds) holds every sprite it scored. The judge is trained on the
 training split, so it is a yardstick of this dataset's sprites, not of sprites in general; RESULTS.md has what it
@@ -158,7 +158,7 @@ def judge_sprites(judge, rgb, pairs, seed):
 def accuracy_spread(asked, right, n, replacement=False, draws=200, seed=0):
     """5th and 95th percentile of the pooled accuracy of `draws` random sets of n of these sprites: without
     replacement, what other sets of that size score; with it (n = all of them), the bootstrap interval of this set's own
-    accuracy, which says whether two sets of sprites can be told apart."""
+    accuracy (pass per-caption sums to draw captions), which says whether two sets of sprites can be told apart."""
     generator = torch.Generator().manual_seed(seed)
     if replacement:
         picks = torch.randint(len(asked), (draws, n), generator=generator)
@@ -185,17 +185,20 @@ def main(argv=None):
     results = {}
     for path in ["real validation sprites", "real training sprites (seen by the judge)"] + args.sheets:
         if path == "real validation sprites":
-            rgb, asked, right = val, real_asked, real_right
+            rgb, asked, right, captions = val, real_asked, real_right, len(val)
         else:
-            rgb = train if path.startswith("real training") else sheet_tiles(path).flatten(0, 1)
+            tiles = train[None] if path.startswith("real training") else sheet_tiles(path)  # seeds down, captions across
+            rgb, captions = tiles.flatten(0, 1), tiles.shape[1]
             asked, right = judge_sprites(judge, rgb, args.pairs, args.seed + 1)
         if asked.sum() == 0:
             raise SystemExit(f"error: {path}: no sprite has two {PATCH} px patches {GAP} px apart that are both "
                              f"{MIN_CREATURE:.0%} creature: nothing to judge")
         accuracy = (right.sum() / asked.sum()).item()
         results[path] = {"sprites": len(rgb), "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real,
-                         # against the same real accuracy, so two sets whose intervals part are told apart
-                         "ratio_interval": [bound / real for bound in accuracy_spread(asked, right, len(rgb), replacement=True)]}
+                         # captions drawn again (a caption's seeds are not independent sprites), each ratio against
+                         # the same real accuracy: two sets whose intervals part are told apart
+                         "ratio_interval": [bound / real for bound in accuracy_spread(
+                             asked.view(-1, captions).sum(0), right.view(-1, captions).sum(0), captions, replacement=True)]}
         if len(rgb) < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
             results[path]["real_ratio_spread"] = [bound / real for bound in accuracy_spread(real_asked, real_right, len(rgb))]
     for path, scores in results.items():

@@ -186,6 +186,11 @@ def test_layout_judge_learns_real_layouts_and_rates_upside_down_sprites_below_th
     at, sprite = torch.tensor([[5, 9], [40, 0]]), torch.tensor([1, 0])
     patches = layout_judge.cut_patches(images, sprite, at)
     assert torch.equal(patches[0], images[1, :, 5:17, 9:21]) and torch.equal(patches[1], images[0, :, 40:52, 0:12])
+    # pooled accuracy of sets of captions: every caption once is the set itself; drawn with replacement, it varies
+    asked, right = torch.full((5,), 4.0), torch.tensor([4.0, 0, 4, 0, 4])
+    assert layout_judge.accuracy_spread(asked, right, 5) == pytest.approx([0.6, 0.6])
+    low, high = layout_judge.accuracy_spread(asked, right, 5, replacement=True)
+    assert 0 <= low < 0.6 < high <= 1
 
     # a sheet of validation sprites, and the same sprites upside down: every part where it does not belong
     val = split_pixels(evaluate_model.load_splits(synthetic_dataset_dir)["validation"], 64, 4).float() / 255
