@@ -145,14 +145,17 @@ def train_judge(rgb, steps, batch_size, seed):
 
 
 @torch.no_grad()
-def judge_sprites(judge, rgb, pairs, seed):
-    """Per sprite of (N, 3, 64, 64) RGB on white: (pairs asked, pairs the judge got right), `pairs` pairs a sprite on
-    average (the pairs go to random sprites, and a sprite with a small inside gets fewer)."""
+def judge_sprites(judge, tiles, pairs, seed):
+    """Per caption of (rows, captions, 3, 64, 64) sprites on white (a sheet's seeds down, its captions across):
+    (pairs asked, pairs the judge got right) over its seeds, `pairs` pairs a sprite on average (the pairs go to random
+    sprites, and a sprite with a small inside gets fewer). Summed per caption, because a caption's seeds are not
+    independent sprites: the bootstrap of `accuracy_spread` draws captions."""
+    rgb = tiles.flatten(0, 1)
     generator = torch.Generator().manual_seed(seed)
     centre, neighbour, label, sprite = sample_pairs(rgb, creature_of(rgb), pairs * len(rgb), generator)
     right = torch.cat([judge(2 * c - 1, 2 * n - 1).argmax(1) for c, n in zip(centre.split(4096), neighbour.split(4096))]) == label
-    asked = torch.zeros(len(rgb)).index_add_(0, sprite, torch.ones(len(sprite)))
-    return asked, torch.zeros(len(rgb)).index_add_(0, sprite, right.float())
+    per_caption = lambda values: torch.zeros(len(rgb)).index_add_(0, sprite, values).view(tiles.shape[:2]).sum(0)
+    return per_caption(torch.ones(len(sprite))), per_caption(right.float())
 
 
 def accuracy_spread(asked, right, n, replacement=False, draws=200, seed=0):
@@ -180,27 +183,23 @@ def main(argv=None):
         if args.judge:
             save_file(judge.state_dict(), args.judge)
     judge.eval()
-    real_asked, real_right = judge_sprites(judge, val, args.pairs, args.seed + 1)
+    sets = {"real validation sprites": val[None], "real training sprites (seen by the judge)": train[None]}
+    sets.update((path, sheet_tiles(path)) for path in args.sheets)
+    judged = {name: judge_sprites(judge, tiles, args.pairs, args.seed + 1) for name, tiles in sets.items()}
+    real_asked, real_right = judged["real validation sprites"]  # one caption a sprite
     real = (real_right.sum() / real_asked.sum()).item()
     results = {}
-    for path in ["real validation sprites", "real training sprites (seen by the judge)"] + args.sheets:
-        if path == "real validation sprites":
-            rgb, asked, right, captions = val, real_asked, real_right, len(val)
-        else:
-            tiles = train[None] if path.startswith("real training") else sheet_tiles(path)  # seeds down, captions across
-            rgb, captions = tiles.flatten(0, 1), tiles.shape[1]
-            asked, right = judge_sprites(judge, rgb, args.pairs, args.seed + 1)
+    for path, (asked, right) in judged.items():
         if asked.sum() == 0:
             raise SystemExit(f"error: {path}: no sprite has two {PATCH} px patches {GAP} px apart that are both "
                              f"{MIN_CREATURE:.0%} creature: nothing to judge")
         accuracy = (right.sum() / asked.sum()).item()
-        results[path] = {"sprites": len(rgb), "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real,
-                         # captions drawn again (a caption's seeds are not independent sprites), each ratio against
-                         # the same real accuracy: two sets whose intervals part are told apart
-                         "ratio_interval": [bound / real for bound in accuracy_spread(
-                             asked.view(-1, captions).sum(0), right.view(-1, captions).sum(0), captions, replacement=True)]}
-        if len(rgb) < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
-            results[path]["real_ratio_spread"] = [bound / real for bound in accuracy_spread(real_asked, real_right, len(rgb))]
+        sprites = sets[path].shape[0] * sets[path].shape[1]
+        results[path] = {"sprites": sprites, "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real,
+                         # each ratio against the same real accuracy: two sets whose intervals part are told apart
+                         "ratio_interval": [bound / real for bound in accuracy_spread(asked, right, len(asked), replacement=True)]}
+        if sprites < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
+            results[path]["real_ratio_spread"] = [bound / real for bound in accuracy_spread(real_asked, real_right, sprites)]
     for path, scores in results.items():
         spread = scores.get("real_ratio_spread")
         spread = f", real sets of {scores['sprites']}: {spread[0]:.2f}-{spread[1]:.2f}" if spread else ""
