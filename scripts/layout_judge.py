@@ -21,6 +21,13 @@ random sets of as many real validation sprites score. A sheet of 64 sprites is t
 `validation-all.png` of evaluate_model.py (167 captions x 4 seeds) holds every sprite it scored. The judge is trained on the
 training split, so it is a yardstick of this dataset's sprites, not of sprites in general; RESULTS.md has what it
 separates ("A learned judge of the inside").
+
+A judge's training run matters: three seeds have rated one model's 668 sprites 0.73, 0.85 and 0.87, more apart than
+two designs were. `--seeds 0 1 2` asks a panel, one judge per seed (`--judge` then names each file with `{seed}`),
+and scores each set by the panel's mean ratio (each judge's under `judges`), its bootstrap interval averaged draw by
+draw over the same captions:
+
+    python scripts/layout_judge.py SHEETS --seeds 0 1 2 --judge outputs/layout-judge-seed{seed}.safetensors
 """
 
 import argparse
@@ -55,8 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=3000, help="training steps of the judge")
     parser.add_argument("--batch_size", type=int, default=128, help="pairs a step")
     parser.add_argument("--pairs", type=int, default=64, help="pairs asked of each judged sprite")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--judge", help="a trained judge (safetensors): loaded if the file exists, else trained and saved there")
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                        help="one judge per seed, a panel: a judge's training run moves a set's ratio by more than its bootstrap "
+                             "interval, so rank by the panel's mean (RESULTS.md)")
+    parser.add_argument("--judge", help="a trained judge (safetensors): loaded if the file exists, else trained and saved there; "
+                                        "with several --seeds, a path with {seed} in it")
     parser.add_argument("--out", help="write the scores as JSON here")
     return parser.parse_args(argv)
 
@@ -149,7 +159,7 @@ def judge_sprites(judge, tiles, pairs, seed):
     """Per caption of (rows, captions, 3, 64, 64) sprites on white (a sheet's seeds down, its captions across):
     (pairs asked, pairs the judge got right) over its seeds, `pairs` pairs a sprite on average (the pairs go to random
     sprites, and a sprite with a small inside gets fewer). Summed per caption, because a caption's seeds are not
-    independent sprites: the bootstrap of `accuracy_spread` draws captions."""
+    independent sprites: the bootstrap of `accuracy_draws` draws captions."""
     rgb = tiles.flatten(0, 1)
     generator = torch.Generator().manual_seed(seed)
     centre, neighbour, label, sprite = sample_pairs(rgb, creature_of(rgb), pairs * len(rgb), generator)
@@ -158,54 +168,76 @@ def judge_sprites(judge, tiles, pairs, seed):
     return per_caption(torch.ones(len(sprite))), per_caption(right.float())
 
 
-def accuracy_spread(asked, right, n, replacement=False, draws=200, seed=0):
-    """5th and 95th percentile of the pooled accuracy of `draws` random sets of n of these sprites: without
-    replacement, what other sets of that size score; with it (n = all of them), the bootstrap interval of this set's own
-    accuracy (pass per-caption sums to draw captions), which says whether two sets of sprites can be told apart."""
+def accuracy_draws(asked, right, n, replacement=False, draws=200, seed=0):
+    """The pooled accuracy of `draws` random sets of n of these sprites: without replacement, what other sets of that
+    size score; with it (n = all of them), the bootstrap of this set's own accuracy (pass per-caption sums to draw
+    captions), which says whether two sets of sprites can be told apart. The draws depend only on (len(asked), n, seed),
+    so every judge of a panel sees the same ones and their ratios can be averaged draw by draw."""
     generator = torch.Generator().manual_seed(seed)
     if replacement:
         picks = torch.randint(len(asked), (draws, n), generator=generator)
     else:
         picks = torch.stack([torch.randperm(len(asked), generator=generator)[:n] for _ in range(draws)])
-    accuracy = right[picks].sum(1) / asked[picks].sum(1)
-    return torch.quantile(accuracy, torch.tensor([0.05, 0.95])).tolist()
+    return right[picks].sum(1) / asked[picks].sum(1)
+
+
+def percentiles(draws):
+    """5th and 95th percentile."""
+    return torch.quantile(draws, torch.tensor([0.05, 0.95])).tolist()
+
+
+def load_or_train(path, train, args, seed):
+    if path and Path(path).exists():
+        judge = PairJudge()
+        judge.load_state_dict(load_file(path))
+    else:
+        judge = train_judge(train, args.steps, args.batch_size, seed)
+        if path:
+            save_file(judge.state_dict(), path)
+    return judge.eval()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if len(args.seeds) > 1 and args.judge and "{seed}" not in args.judge:
+        raise SystemExit(f"error: --judge {args.judge} names one file for {len(args.seeds)} judges: put {{seed}} in it")
     splits = load_splits(args.dataset)
     train, val = (on_white(split_pixels(splits[name], 64, 4).float() / 255) for name in ("train", "validation"))
-    if args.judge and Path(args.judge).exists():
-        judge = PairJudge()
-        judge.load_state_dict(load_file(args.judge))
-    else:
-        judge = train_judge(train, args.steps, args.batch_size, args.seed)
-        if args.judge:
-            save_file(judge.state_dict(), args.judge)
-    judge.eval()
     sets = {"real validation sprites": val[None], "real training sprites (seen by the judge)": train[None]}
     sets.update((path, sheet_tiles(path)) for path in args.sheets)
-    judged = {name: judge_sprites(judge, tiles, args.pairs, args.seed + 1) for name, tiles in sets.items()}
-    real_asked, real_right = judged["real validation sprites"]  # one caption a sprite
-    real = (real_right.sum() / real_asked.sum()).item()
+    panel = {}  # seed: {set: (pairs asked, pairs right) per caption}
+    for seed in args.seeds:
+        judge = load_or_train(args.judge and args.judge.format(seed=seed), train, args, seed)
+        panel[seed] = {name: judge_sprites(judge, tiles, args.pairs, seed + 1) for name, tiles in sets.items()}
     results = {}
-    for path, (asked, right) in judged.items():
-        if asked.sum() == 0:
-            raise SystemExit(f"error: {path}: no sprite has two {PATCH} px patches {GAP} px apart that are both "
+    for name, tiles in sets.items():
+        if any(judged[name][0].sum() == 0 for judged in panel.values()):
+            raise SystemExit(f"error: {name}: no sprite has two {PATCH} px patches {GAP} px apart that are both "
                              f"{MIN_CREATURE:.0%} creature: nothing to judge")
-        accuracy = (right.sum() / asked.sum()).item()
-        sprites = sets[path].shape[0] * sets[path].shape[1]
-        results[path] = {"sprites": sprites, "pairs": int(asked.sum()), "accuracy": accuracy, "accuracy_ratio": accuracy / real,
-                         # each ratio against the same real accuracy: two sets whose intervals part are told apart
-                         "ratio_interval": [bound / real for bound in accuracy_spread(asked, right, len(asked), replacement=True)]}
-        if sprites < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
-            results[path]["real_ratio_spread"] = [bound / real for bound in accuracy_spread(real_asked, real_right, sprites)]
-    for path, scores in results.items():
+        sprites = tiles.shape[0] * tiles.shape[1]
+        accuracy, ratios, bootstrap, real_sets = [], {}, [], []
+        for seed, judged in panel.items():
+            asked, right = judged[name]
+            real_asked, real_right = judged["real validation sprites"]  # one caption a sprite
+            real = (real_right.sum() / real_asked.sum()).item()
+            accuracy.append((right.sum() / asked.sum()).item())
+            ratios[str(seed)] = accuracy[-1] / real
+            # each ratio against the same real accuracy: two sets whose intervals part are told apart
+            bootstrap.append(accuracy_draws(asked, right, len(asked), replacement=True) / real)
+            if sprites < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
+                real_sets.append(accuracy_draws(real_asked, real_right, sprites) / real)
+        results[name] = {"sprites": sprites, "pairs": sum(int(judged[name][0].sum()) for judged in panel.values()),
+                         "accuracy": sum(accuracy) / len(accuracy), "accuracy_ratio": sum(ratios.values()) / len(ratios),
+                         "ratio_interval": percentiles(torch.stack(bootstrap).mean(0)), "judges": ratios}
+        if real_sets:
+            results[name]["real_ratio_spread"] = percentiles(torch.stack(real_sets).mean(0))
+    for name, scores in results.items():
         spread = scores.get("real_ratio_spread")
         spread = f", real sets of {scores['sprites']}: {spread[0]:.2f}-{spread[1]:.2f}" if spread else ""
+        judges = f"; judges {' '.join(f'{r:.2f}' for r in scores['judges'].values())}" if len(panel) > 1 else ""
         low, high = scores["ratio_interval"]
-        print(f"{path}: accuracy {scores['accuracy']:.3f}, {scores['accuracy_ratio']:.2f} of real (bootstrap {low:.2f}-{high:.2f}; "
-              f"{scores['sprites']} sprites, {scores['pairs']} pairs{spread})")
+        print(f"{name}: accuracy {scores['accuracy']:.3f}, {scores['accuracy_ratio']:.2f} of real (bootstrap {low:.2f}-{high:.2f}; "
+              f"{scores['sprites']} sprites, {scores['pairs']} pairs{spread}{judges})")
     if args.out:
         write_json(args.out, results)
     return results

@@ -1,6 +1,7 @@
 """evaluate_model.py as a specification: the reference rows (real, retrieval, mean) and a model's evaluation."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -188,8 +189,8 @@ def test_layout_judge_learns_real_layouts_and_rates_upside_down_sprites_below_th
     assert torch.equal(patches[0], images[1, :, 5:17, 9:21]) and torch.equal(patches[1], images[0, :, 40:52, 0:12])
     # pooled accuracy of sets of captions: every caption once is the set itself; drawn with replacement, it varies
     asked, right = torch.full((5,), 4.0), torch.tensor([4.0, 0, 4, 0, 4])
-    assert layout_judge.accuracy_spread(asked, right, 5) == pytest.approx([0.6, 0.6])
-    low, high = layout_judge.accuracy_spread(asked, right, 5, replacement=True)
+    assert layout_judge.percentiles(layout_judge.accuracy_draws(asked, right, 5)) == pytest.approx([0.6, 0.6])
+    low, high = layout_judge.percentiles(layout_judge.accuracy_draws(asked, right, 5, replacement=True))
     assert 0 <= low < 0.6 < high <= 1
 
     # a sheet of validation sprites, and the same sprites upside down: every part where it does not belong
@@ -214,3 +215,17 @@ def test_layout_judge_learns_real_layouts_and_rates_upside_down_sprites_below_th
     assert layout_judge.main(sheets + args[:2] + ["--steps", "0"] + args[4:]) == scores
     with pytest.raises(SystemExit, match="blank.png: no sprite has two"):
         layout_judge.main([str(tmp_path / "blank.png")] + args)
+
+    # a panel of two judges: the seed-0 judge is the one above (its file), the seed-1 one is trained, and the panel's
+    # score is their mean
+    shutil.copy(tmp_path / "judge.safetensors", tmp_path / "judge-0.safetensors")
+    panel = layout_judge.main(sheets + args[:6] + ["--seeds", "0", "1", "--judge", str(tmp_path / "judge-{seed}.safetensors")])
+    assert (tmp_path / "judge-1.safetensors").exists()
+    for name, set_scores in panel.items():
+        assert set_scores["judges"]["0"] == pytest.approx(scores[name]["accuracy_ratio"])
+        assert set_scores["accuracy_ratio"] == pytest.approx(sum(set_scores["judges"].values()) / 2)
+        low, high = set_scores["ratio_interval"]
+        assert low <= set_scores["accuracy_ratio"] <= high
+    assert panel[sheets[1]]["accuracy_ratio"] < panel[sheets[0]]["accuracy_ratio"] - 0.2
+    with pytest.raises(SystemExit, match="put {seed} in it"):
+        layout_judge.main(sheets + args + ["--seeds", "0", "1"])
