@@ -209,6 +209,9 @@ def main(argv=None):
     for seed in args.seeds:
         judge = load_or_train(args.judge and args.judge.format(seed=seed), train, args, seed)
         panel[seed] = {name: judge_sprites(judge, tiles, args.pairs, seed + 1) for name, tiles in sets.items()}
+    # each judge's accuracy on the real validation sprites (one caption a sprite): every ratio of that judge is to it
+    real = {seed: judged["real validation sprites"] for seed, judged in panel.items()}
+    real_accuracy = {seed: (right.sum() / asked.sum()).item() for seed, (asked, right) in real.items()}
     results = {}
     for name, tiles in sets.items():
         if any(judged[name][0].sum() == 0 for judged in panel.values()):
@@ -218,14 +221,12 @@ def main(argv=None):
         accuracy, ratios, bootstrap, real_sets = [], {}, [], []
         for seed, judged in panel.items():
             asked, right = judged[name]
-            real_asked, real_right = judged["real validation sprites"]  # one caption a sprite
-            real = (real_right.sum() / real_asked.sum()).item()
             accuracy.append((right.sum() / asked.sum()).item())
-            ratios[str(seed)] = accuracy[-1] / real
+            ratios[str(seed)] = accuracy[-1] / real_accuracy[seed]
             # each ratio against the same real accuracy: two sets whose intervals part are told apart
-            bootstrap.append(accuracy_draws(asked, right, len(asked), replacement=True) / real)
+            bootstrap.append(accuracy_draws(asked, right, len(asked), replacement=True) / real_accuracy[seed])
             if sprites < len(val):  # what sets of as many real sprites score: the noise a sheet's ratio has to clear
-                real_sets.append(accuracy_draws(real_asked, real_right, sprites) / real)
+                real_sets.append(accuracy_draws(*real[seed], sprites) / real_accuracy[seed])
         results[name] = {"sprites": sprites, "pairs": sum(int(judged[name][0].sum()) for judged in panel.values()),
                          "accuracy": sum(accuracy) / len(accuracy), "accuracy_ratio": sum(ratios.values()) / len(ratios),
                          "ratio_interval": percentiles(torch.stack(bootstrap).mean(0)), "judges": ratios}
